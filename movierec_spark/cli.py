@@ -1,0 +1,197 @@
+"""`movierec` command line. Subcommands parse flags, load the config, build Spark once, call the
+library and stop Spark; user-facing errors are one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("movierec")
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # py4j logs every gateway call at INFO.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ingest.reject_threshold=0.1")
+        k, v = item.split("=", 1)
+        # YAML scalars, so `--set spark.shuffle_partitions=4` is an int; safe_load builds no objects.
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, need_input: bool = False) -> None:
+    p.add_argument("--config", help="pipeline config YAML (default conf/local.yaml)")
+    p.add_argument("--input", required=need_input, help="MovieLens directory or GroupLens .zip")
+    p.add_argument("--warehouse", help="Delta warehouse directory or URI (overrides paths.warehouse)")
+    p.add_argument("--master", help="Spark master (overrides spark.master; ignored under spark-submit)")
+    p.add_argument("--driver-memory", help="e.g. 6g (overrides spark.driver_memory)")
+    p.add_argument("--shuffle-partitions", type=int, help="overrides spark.shuffle_partitions")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override any config key, e.g. --set ingest.reject_threshold=0.1 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {
+        "paths.input": getattr(args, "input", None),
+        "paths.warehouse": getattr(args, "warehouse", None),
+        "spark.master": getattr(args, "master", None),
+        "spark.driver_memory": getattr(args, "driver_memory", None),
+        "spark.shuffle_partitions": getattr(args, "shuffle_partitions", None),
+    }
+    overrides.update(_parse_set(getattr(args, "set", [])))
+    cfg = load_config(getattr(args, "config", None), overrides)
+    log.info("config from %s: %s", cfg.source, cfg.to_json())
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="movierec", description="MovieLens recommender on Spark + Delta Lake")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline (stages from pipeline.stages)")
+    _add_common(p)
+    p.add_argument("--stages", help="comma-separated stages to run instead of pipeline.stages")
+    p.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
+
+    p = sub.add_parser("ingest", help="ingest a MovieLens dataset into Delta tables")
+    _add_common(p, need_input=True)
+
+    p = sub.add_parser("download", help="download a GroupLens MovieLens zip and extract it")
+    p.add_argument("name", help="ml-latest-small, ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest")
+    p.add_argument("--dest", default="data", help="directory to extract into (default: data)")
+    p.add_argument("--base-url", help="mirror URL (default: GroupLens; env MOVIEREC_GROUPLENS_URL)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("generate", help="write a synthetic MovieLens-shaped CSV dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--movies", type=int, required=True)
+    p.add_argument("--ratings", type=int, required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("setup", help="resolve and cache Delta's jars (needs Maven Central once)")
+    p.add_argument("--config")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def default_input(cfg: Config) -> str:
+    """data/ml-latest-small, downloaded when missing; offline, a generated demo set."""
+    from .download import DownloadError, download_dataset
+    from .generate import generate_dataset
+
+    data_dir = Path(cfg.paths.data_dir)
+    local = data_dir / "ml-latest-small"
+    if (local / "ratings.csv").is_file():
+        return str(local.resolve())
+    try:
+        return str(download_dataset("ml-latest-small", data_dir).resolve())
+    except DownloadError as e:
+        demo = data_dir / f"demo-{cfg.pipeline.seed}"
+        log.warning(
+            "no --input given and GroupLens is unreachable (%s). Pass --input PATH to use a "
+            "MovieLens copy you have; running on a generated MovieLens-shaped demo set at %s "
+            "instead.", e, demo,
+        )
+        if not (demo / "ratings.csv").is_file():
+            generate_dataset(demo, users=cfg.demo.users, movies=cfg.demo.movies,
+                             ratings=cfg.demo.ratings, seed=cfg.pipeline.seed, overwrite=True)
+        return str(demo.resolve())
+
+
+def cmd_run(args: argparse.Namespace, stages: list[str] | None = None) -> int:
+    from .pipeline import run_pipeline, validate_stages
+    from .session import build_spark
+
+    cfg = config_from_args(args)
+    names = stages or ([s.strip() for s in args.stages.split(",")] if getattr(args, "stages", None) else None)
+    validate_stages(names or cfg.pipeline.stages)
+    input_path = cfg.paths.input or default_input(cfg)
+    spark = build_spark(cfg)
+    try:
+        run_pipeline(spark, cfg, input_path, names, run_id=getattr(args, "run_id", None))
+    finally:
+        spark.stop()
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import download_dataset
+
+    path = download_dataset(args.name, args.dest, base_url=args.base_url, progress=sys.stderr.isatty())
+    print(path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_dataset
+
+    t0 = time.perf_counter()
+    counts = generate_dataset(args.out, users=args.users, movies=args.movies, ratings=args.ratings,
+                              seed=args.seed, overwrite=args.overwrite)
+    log.info("generated %s in %s in %.1f s", counts, args.out, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from .session import build_spark, cached_delta_jars
+
+    cfg = load_config(args.config)
+    spark = build_spark(cfg, app_name="movierec-setup")
+    spark.stop()
+    jars = cached_delta_jars(cfg) or []
+    print(f"Delta jars cached: {len(jars)} files in {cfg.spark.ivy_dir}")
+    return 0 if jars else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    from .download import DownloadError
+    from .ingest import IngestError
+    from .layouts import LayoutError
+    from .pipeline import PipelineError
+    from .session import SparkSetupError
+
+    try:
+        if args.command in ("run", "ingest"):
+            return cmd_run(args, ["ingest"] if args.command == "ingest" else None)
+        return {"download": cmd_download, "generate": cmd_generate, "setup": cmd_setup}[args.command](args)
+    except (ConfigError, PipelineError) as e:
+        print(f"movierec: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (IngestError, LayoutError, DownloadError, SparkSetupError, FileNotFoundError, ValueError) as e:
+        print(f"movierec: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("movierec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

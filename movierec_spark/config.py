@@ -1,0 +1,274 @@
+"""One typed configuration object, loaded from YAML and overridden from the command line.
+
+Everything is validated before Spark starts: an unknown key, a wrong type or a missing path is a
+ConfigError naming the file and the key, because a typo found after a 20-minute job is expensive.
+YAML is parsed with ``safe_load`` only: a config file must never construct Python objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+# The repo's conf/ directory, so `movierec run` works from a checkout without --config.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PACKAGE_ROOT / "conf" / "local.yaml"
+
+DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any heavy work starts."""
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[*]"
+    app_name: str = "movierec"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+    ui_enabled: bool = False
+    show_progress: bool = True
+    # log4j2 properties file; relative paths are resolved against the repo/config location.
+    log4j_config: str = "conf/log4j2.properties"
+    # A project-owned Ivy cache: Delta's jars are resolved into it once and reused offline, and
+    # stray poms in ~/.m2 cannot break resolution.
+    ivy_dir: str = "~/.cache/movierec/ivy"
+    delta_package: str = DELTA_PACKAGE
+    # Any other spark.* settings, passed through verbatim.
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PathsConfig:
+    warehouse: str = "warehouse"
+    input: str | None = None
+    # Defaults to <warehouse>/_checkpoints; iterative algorithms (ALS) truncate lineage there.
+    checkpoint_dir: str | None = None
+    # Where `movierec run` without --input keeps the downloaded or generated default dataset.
+    data_dir: str = "data"
+
+
+@dataclass
+class IngestConfig:
+    # Share of rejected input rows above which ingest stops without touching any table.
+    reject_threshold: float = 0.05
+    # Files up to this size are decoded whole (exact line numbers in any encoding, embedded
+    # newlines visible); larger ones are split across tasks and must be ASCII-compatible.
+    whole_file_max_bytes: int = 32 * 1024 * 1024
+    max_uncompressed_bytes: int = 8 * 1024**3
+
+
+@dataclass
+class DemoConfig:
+    """The generated MovieLens-shaped set used when no --input is given and GroupLens is offline."""
+
+    users: int = 600
+    movies: int = 3000
+    ratings: int = 100_000
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["ingest"])
+    seed: int = 42
+
+
+@dataclass
+class Config:
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    # Where the file came from, for messages and relative paths; not a user setting.
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return json.dumps(d, sort_keys=True)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.paths.checkpoint_dir or join_path(self.paths.warehouse, "_checkpoints")
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join a local path or a URI (s3a://, file:/, ...) without normalising the scheme away."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path or path.startswith("file:")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; only lossless, unsurprising coercions."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        # Spark settings are strings, but YAML reads `4` or `true` as scalars; accept those.
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float, bool)) and where.split(".")[-2:-1] == ["conf"]:
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: Any, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(
+                f"unknown key '{path}' (known keys here: {', '.join(sorted(known))})"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    check_paths: bool = True,
+) -> Config:
+    """Load YAML (default conf/local.yaml), apply dotted overrides, validate.
+
+    `overrides` maps dotted keys (``paths.warehouse``) to values, e.g. from CLI flags;
+    None values are ignored so argparse defaults do not clobber the file.
+    """
+    cfg_path = Path(path) if path else DEFAULT_CONFIG
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file not found: {cfg_path}")
+    try:
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cfg_path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    cfg.source = str(cfg_path)
+    _validate(cfg, cfg_path, check_paths)
+    return cfg
+
+
+def resolve_local(p: str, base: Path) -> Path:
+    path = Path(os.path.expanduser(p))
+    if path.is_absolute():
+        return path
+    # Relative conf paths are tried against the working directory, then the repo root, so the
+    # packaged default works from anywhere.
+    for root in (Path.cwd(), base):
+        if (root / path).exists():
+            return (root / path).resolve()
+    return (Path.cwd() / path).resolve()
+
+
+def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{cfg_path}: {msg}")
+
+    if not 0.0 <= cfg.ingest.reject_threshold <= 1.0:
+        raise bad(f"ingest.reject_threshold must be within 0..1, got {cfg.ingest.reject_threshold}")
+    if cfg.spark.shuffle_partitions < 1:
+        raise bad("spark.shuffle_partitions must be >= 1")
+    if not cfg.spark.driver_memory[:-1].isdigit() or cfg.spark.driver_memory[-1].lower() not in "kmgt":
+        raise bad(f"spark.driver_memory must look like 4g or 512m, got {cfg.spark.driver_memory!r}")
+    for name in ("users", "movies", "ratings"):
+        if getattr(cfg.demo, name) < 1:
+            raise bad(f"demo.{name} must be >= 1")
+    if not check_paths:
+        return
+    log4j = resolve_local(cfg.spark.log4j_config, PACKAGE_ROOT)
+    if not log4j.is_file():
+        raise bad(f"spark.log4j_config: file not found: {cfg.spark.log4j_config}")
+    cfg.spark.log4j_config = str(log4j)
+    if cfg.paths.input and not is_uri(cfg.paths.input):
+        inp = Path(os.path.expanduser(cfg.paths.input))
+        if not inp.exists():
+            raise bad(f"paths.input: not found: {cfg.paths.input} (a MovieLens directory or .zip)")
+        cfg.paths.input = str(inp.resolve())
+    if not is_uri(cfg.paths.warehouse):
+        wh = Path(os.path.expanduser(cfg.paths.warehouse)).resolve()
+        parent = next((p for p in [wh, *wh.parents] if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK):
+            raise bad(f"paths.warehouse: cannot create or write {wh} (no write access to {parent})")
+        if wh.exists() and not wh.is_dir():
+            raise bad(f"paths.warehouse: {wh} exists and is not a directory")
+        cfg.paths.warehouse = str(wh)

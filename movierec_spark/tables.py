@@ -1,0 +1,172 @@
+"""The table contract (README's table section mirrors this) and the one set of Delta writers.
+
+Writers:
+- `upsert`: MERGE only the rows that are new or changed, keyed; a rerun on the same data
+  commits nothing, so downstream readers see no new versions.
+- `replace_partition`: idempotent per-run rewrite (replaceWhere on run_id).
+- `overwrite`: full replacement of a derived table.
+Tables are created first with an explicit schema, a comment and properties, so a reader of an
+empty warehouse sees the contract rather than an inferred schema.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from .config import join_path
+
+log = logging.getLogger(__name__)
+
+I, L, D, S = T.IntegerType(), T.LongType(), T.DoubleType(), T.StringType()
+TS = T.TimestampType()
+
+
+def _schema(*cols: tuple[str, T.DataType, bool]) -> T.StructType:
+    return T.StructType([T.StructField(n, t, nullable) for n, t, nullable in cols])
+
+
+TABLE_SCHEMAS: dict[str, T.StructType] = {
+    "movies": _schema(("movieId", I, False), ("title", S, False), ("year", I, True),
+                      ("genres", T.ArrayType(S, True), False)),
+    "ratings": _schema(("userId", I, False), ("movieId", I, False), ("rating", D, False),
+                       ("rated_at", TS, False)),
+    "tags": _schema(("userId", I, False), ("movieId", I, False), ("tag", S, False), ("tagged_at", TS, False)),
+    "users": _schema(("userId", I, False), ("gender", S, True), ("age", I, True),
+                     ("occupation", S, True), ("zip", S, True)),
+    "links": _schema(("movieId", I, False), ("imdbId", S, True), ("tmdbId", I, True)),
+    "genome": _schema(("movieId", I, False), ("tagId", I, False), ("tag", S, True), ("relevance", D, False)),
+    "genome_tags": _schema(("tagId", I, False), ("tag", S, False)),
+    "rejects": _schema(("run_id", S, False), ("source", S, False), ("line", L, True), ("raw", S, True),
+                       ("reason", S, False)),
+    "runs": _schema(("run_id", S, False), ("started_at", TS, False), ("finished_at", TS, True),
+                    ("status", S, False), ("input", S, True), ("config", S, True),
+                    ("stage_seconds", T.MapType(S, D), True), ("error", S, True)),
+}
+
+TABLE_KEYS: dict[str, list[str]] = {
+    "movies": ["movieId"],
+    "ratings": ["userId", "movieId"],
+    "tags": ["userId", "movieId", "tag"],
+    "users": ["userId"],
+    "links": ["movieId"],
+    "genome": ["movieId", "tagId"],
+    "genome_tags": ["tagId"],
+    "runs": ["run_id"],
+}
+
+TABLE_COMMENTS = {
+    "movies": "MovieLens movies: year parsed from the title, genres as an array (empty when none listed)",
+    "ratings": "Explicit ratings, one per (userId, movieId): the latest when the input repeated a pair",
+    "tags": "User tag applications",
+    "users": "User demographics (ml-1m, ml-100k only)",
+    "links": "IMDb and TMDb ids per movie",
+    "genome": "Tag genome relevance per (movie, tag) (ml-20m and later)",
+    "genome_tags": "Tag genome vocabulary",
+    "rejects": "Input rows that were not loaded, with source file, line, raw text and reason",
+    "runs": "One row per pipeline run: status, input, config JSON, seconds per stage",
+}
+
+PROPERTIES = {
+    "delta.appendOnly": "false",
+    "movierec.contract": "v1",
+}
+
+
+def table_path(warehouse: str, name: str) -> str:
+    return join_path(warehouse, name)
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def ensure_table(spark: SparkSession, warehouse: str, name: str, schema: T.StructType | None = None,
+                 partition_by: list[str] | None = None) -> str:
+    """Create the table with its contract schema, comment and properties if it does not exist."""
+    path = table_path(warehouse, name)
+    schema = schema or TABLE_SCHEMAS[name]
+    if not table_exists(spark, path):
+        b = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+        if name in TABLE_COMMENTS:
+            b = b.comment(TABLE_COMMENTS[name])
+        for k, v in PROPERTIES.items():
+            b = b.property(k, v)
+        if partition_by:
+            b = b.partitionedBy(*partition_by)
+        b.execute()
+        log.info("created table %s", path)
+    return path
+
+
+def conform(df: DataFrame, name: str, schema: T.StructType | None = None) -> DataFrame:
+    """Select the contract's columns, in order, cast to the contract's types."""
+    schema = schema or TABLE_SCHEMAS[name]
+    return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
+
+
+def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: list[str] | None = None) -> dict:
+    """MERGE new and changed rows by key; commit nothing when nothing changed.
+
+    Returns {"inserted": n, "updated": n} (0/0 when nothing changed).
+    """
+    keys = keys or TABLE_KEYS[name]
+    path = ensure_table(spark, warehouse, name)
+    src = conform(df, name)
+    dt = DeltaTable.forPath(spark, path)
+    if dt.detail().select("numFiles").first()[0] == 0:
+        # A fresh table: a plain append, no join against nothing.
+        src.write.format("delta").mode("append").save(path)
+        m = dt.history(1).select("operationMetrics").first()[0] or {}
+        stats = {"inserted": int(m.get("numOutputRows", 0)), "updated": 0}
+        log.info("%s: created with %s rows", name, f"{stats['inserted']:,}")
+        return stats
+    target = spark.read.format("delta").load(path)
+    # Rows identical to what is stored are dropped first, so an unchanged rerun has no commit.
+    cols = src.columns
+    def same(c: str):
+        # Maps have no equality in Spark SQL; their JSON form does.
+        if isinstance(src.schema[c].dataType, T.MapType):
+            return F.to_json(src[c]).eqNullSafe(F.to_json(target[c]))
+        return src[c].eqNullSafe(target[c])
+
+    changed = src.join(target, on=[same(c) for c in cols], how="left_anti")
+    if changed.isEmpty():
+        log.info("%s: no new or changed rows; no commit", name)
+        return {"inserted": 0, "updated": 0}
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    (dt.alias("t").merge(changed.alias("s"), cond)
+     .whenMatchedUpdateAll()
+     .whenNotMatchedInsertAll()
+     .execute())
+    m = dt.history(1).select("operationMetrics").first()[0] or {}
+    stats = {"inserted": int(m.get("numTargetRowsInserted", 0)), "updated": int(m.get("numTargetRowsUpdated", 0))}
+    log.info("%s: merged %s", name, stats)
+    return stats
+
+
+def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, column: str, value: str,
+                  schema: T.StructType | None = None, partition_by: list[str] | None = None) -> None:
+    """Rewrite only the rows where column = value (a run's rows): idempotent reruns."""
+    path = ensure_table(spark, warehouse, name, schema, partition_by)
+    value_sql = value.replace("'", "''")
+    (conform(df, name, schema).write.format("delta").mode("overwrite")
+     .option("replaceWhere", f"`{column}` = '{value_sql}'")
+     .save(path))
+
+
+def overwrite(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
+              schema: T.StructType | None = None) -> None:
+    path = ensure_table(spark, warehouse, name, schema)
+    conform(df, name, schema).write.format("delta").mode("overwrite").save(path)
+
+
+def read_table(spark: SparkSession, warehouse: str, name: str) -> DataFrame:
+    path = table_path(warehouse, name)
+    if not table_exists(spark, path):
+        raise FileNotFoundError(f"table '{name}' not found at {path}: run the pipeline first")
+    return spark.read.format("delta").load(path)

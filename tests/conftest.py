@@ -1,0 +1,55 @@
+"""One Spark+Delta session for the whole test run: local[2], 2 shuffle partitions, UI off."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from movierec_spark.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+ML_SMALL = SHARED / "datasets" / "ml-latest-small"
+
+TEST_OVERRIDES = {
+    "spark.master": "local[2]",
+    "spark.shuffle_partitions": 2,
+    "spark.driver_memory": "2g",
+    "spark.ui_enabled": False,
+    "spark.show_progress": False,
+}
+
+
+def make_config(warehouse: Path, **overrides) -> Config:
+    o = dict(TEST_OVERRIDES)
+    o["paths.warehouse"] = str(warehouse)
+    o["paths.data_dir"] = str(warehouse.parent / "data")
+    o.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, o)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from movierec_spark.session import build_spark
+
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    cfg = make_config(tmp_path_factory.mktemp("session") / "warehouse")
+    session = build_spark(cfg, app_name="movierec-tests")
+    yield session
+    # Stop cleanly: a JVM left running at interpreter exit has aborted the process (exit 134).
+    session.stop()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return make_config(tmp_path / "warehouse")
+
+
+@pytest.fixture(scope="session")
+def ml_small() -> Path:
+    if not (ML_SMALL / "ratings.csv").is_file():
+        pytest.skip(f"{ML_SMALL} not present")
+    return ML_SMALL

@@ -1,0 +1,68 @@
+"""The runner: runs recorded in `runs` (failed ones too), the CLI's errors, the offline default."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from movierec_spark import tables
+from movierec_spark.cli import default_input, main
+from movierec_spark.ingest import IngestError
+from movierec_spark.pipeline import PipelineError, run_pipeline
+
+from .conftest import make_config
+from .test_ingest import CSV_MOVIES, CSV_RATINGS, write_files
+
+
+def test_run_records_success_and_failure(spark, tmp_path):
+    cfg = make_config(tmp_path / "wh")
+    good = write_files(tmp_path / "good", {"movies.csv": CSV_MOVIES, "ratings.csv": CSV_RATINGS})
+    ctx = run_pipeline(spark, cfg, str(good), run_id="run-ok")
+    assert ctx.results["ingest"]["ratings"] == 4
+    bad = write_files(tmp_path / "bad", {"movies.csv": CSV_MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,9,1\n"})
+    with pytest.raises(IngestError):
+        run_pipeline(spark, cfg, str(bad), run_id="run-bad")
+    runs = {r.run_id: r for r in tables.read_table(spark, cfg.paths.warehouse, "runs").collect()}
+    assert set(runs) == {"run-ok", "run-bad"}
+    ok, failed = runs["run-ok"], runs["run-bad"]
+    assert ok.status == "succeeded" and ok.error is None and ok.finished_at >= ok.started_at
+    assert set(ok.stage_seconds) == {"ingest"} and ok.stage_seconds["ingest"] > 0
+    assert ok.input == str(good) and '"reject_threshold": 0.05' in ok.config
+    assert failed.status == "failed" and "IngestError in stage ingest" in failed.error
+    assert "ingest" in failed.stage_seconds
+
+
+def test_unknown_stage_fails_before_work(spark, tmp_path):
+    cfg = make_config(tmp_path / "wh")
+    with pytest.raises(PipelineError, match="unknown stage"):
+        run_pipeline(spark, cfg, None, stages=["ingest", "nope"])
+    assert not tables.table_exists(spark, tables.table_path(cfg.paths.warehouse, "runs"))
+
+
+def test_cli_config_error_exits_2_without_spark(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spark:\n  nope: 1\n")
+    assert main(["run", "--config", str(bad), "--warehouse", str(tmp_path / "wh")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'spark.nope'" in err and "Traceback" not in err
+    assert main(["ingest", "--input", str(tmp_path / "missing"), "--warehouse", str(tmp_path / "wh")]) == 2
+    assert "paths.input: not found" in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_input_offline_falls_back_to_demo(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MOVIEREC_GROUPLENS_URL", f"http://127.0.0.1:{_closed_port()}/")
+    cfg = make_config(tmp_path / "wh", demo__users=50, demo__movies=80, demo__ratings=2000)
+    path = default_input(cfg)
+    assert path.endswith("demo-42")
+    lines = (tmp_path / "data" / "demo-42" / "ratings.csv").read_text().splitlines()
+    assert len(lines) == 2001
+    assert "GroupLens is unreachable" in caplog.text and "--input" in caplog.text
+    # A second call reuses the generated set instead of regenerating it.
+    assert default_input(cfg) == path
