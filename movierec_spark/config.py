@@ -28,6 +28,9 @@ DEFAULT_CONFIG = PACKAGE_ROOT / "conf" / "local.yaml"
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
 
 
+SPLIT_METHODS = ("random", "stratified", "temporal_global", "temporal_user")
+
+
 class ConfigError(ValueError):
     """A configuration problem found before any heavy work starts."""
 
@@ -80,6 +83,60 @@ class DemoConfig:
 
 
 @dataclass
+class SplitConfig:
+    # random | stratified (per user) | temporal_global | temporal_user (last n per user)
+    method: str = "random"
+    test_ratio: float = 0.2
+    # temporal_global: ISO date/time; when unset, the (1 - test_ratio) quantile of rated_at.
+    cutoff: str | None = None
+    last_n: int = 1
+
+
+@dataclass
+class BaselineConfig:
+    # Koren's shrinkage: item and user biases are pulled towards 0 by these pseudo-counts.
+    item_reg: float = 5.0
+    user_reg: float = 3.0
+    iterations: int = 3
+
+
+@dataclass
+class AlsConfig:
+    rank: int = 20
+    max_iter: int = 15
+    reg_param: float = 0.15
+    # Fit ALS to the residuals of the bias baseline: Spark's ALS has no bias terms.
+    residual: bool = True
+    checkpoint_interval: int = 5
+    num_blocks: int | None = None
+    tune: bool = False
+    tune_ranks: list[int] = field(default_factory=lambda: [8, 12, 20])
+    tune_reg_params: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15])
+    tune_max_iters: list[int] = field(default_factory=lambda: [15])
+
+
+@dataclass
+class ImplicitAlsConfig:
+    enabled: bool = True
+    rank: int = 32
+    max_iter: int = 15
+    reg_param: float = 0.05
+    alpha: float = 10.0
+    # How a rating becomes implicit confidence: "binary" (1 per rating) or "rating" (the rating).
+    confidence: str = "binary"
+    # Ratings below this do not count as a positive signal at all.
+    min_rating: float = 0.0
+
+
+@dataclass
+class EvaluationConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    # Test items that count as relevant for ranking metrics; null = every held-out item.
+    relevance_threshold: float | None = None
+    top_n: int = 10
+
+
+@dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["ingest"])
     seed: int = 42
@@ -91,6 +148,11 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    als: AlsConfig = field(default_factory=AlsConfig)
+    als_implicit: ImplicitAlsConfig = field(default_factory=ImplicitAlsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     # Where the file came from, for messages and relative paths; not a user setting.
     source: str = field(default="<defaults>", metadata={"internal": True})
@@ -250,6 +312,14 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
         raise bad("spark.shuffle_partitions must be >= 1")
     if not cfg.spark.driver_memory[:-1].isdigit() or cfg.spark.driver_memory[-1].lower() not in "kmgt":
         raise bad(f"spark.driver_memory must look like 4g or 512m, got {cfg.spark.driver_memory!r}")
+    if cfg.split.method not in SPLIT_METHODS:
+        raise bad(f"split.method must be one of {', '.join(SPLIT_METHODS)}, got {cfg.split.method!r}")
+    if not 0.0 < cfg.split.test_ratio < 1.0:
+        raise bad(f"split.test_ratio must be within (0, 1), got {cfg.split.test_ratio}")
+    if cfg.als_implicit.confidence not in ("binary", "rating"):
+        raise bad("als_implicit.confidence must be 'binary' or 'rating'")
+    if any(k < 1 for k in cfg.evaluation.ks) or cfg.evaluation.top_n < 1:
+        raise bad("evaluation.ks and evaluation.top_n must be >= 1")
     for name in ("users", "movies", "ratings"):
         if getattr(cfg.demo, name) < 1:
             raise bad(f"demo.{name} must be >= 1")

@@ -55,7 +55,7 @@ def ingest(spark: SparkSession, cfg: Config, input_path: str, run_id: str, now: 
             if role in checked:
                 r = checked[role].rejects(run_id)
                 rejects = r if rejects is None else rejects.unionByName(r)
-        tables.replace_where(spark, rejects, wh, "rejects", "run_id", run_id)
+        tables.replace_where(spark, rejects, wh, "rejects", {"run_id": run_id})
         summary = {}
         for role in INGEST_ORDER:
             if role not in checked:
@@ -88,3 +88,127 @@ def ingest_stage(ctx: RunContext) -> dict:
         "rejected": sum(v["rejected"] for v in summary.values()),
         "ratings": summary.get("ratings.csv", summary.get("ratings.dat", summary.get("u.data", {}))).get("loaded"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Collaborative filtering: split, baselines, ALS
+
+
+def _split_frames(ctx: RunContext):
+    splits = tables.read_table(ctx.spark, ctx.warehouse, "rating_splits")
+    train = splits.where(F.col("split") == "train").select("userId", "movieId", "rating").cache()
+    test = splits.where(F.col("split") == "test").select("userId", "movieId", "rating").cache()
+    return train, test
+
+
+def _scale(ctx: RunContext) -> tuple[float, float]:
+    row = tables.read_table(ctx.spark, ctx.warehouse, "ratings").agg(F.min("rating"), F.max("rating")).first()
+    return float(row[0]), float(row[1])
+
+
+def _write_predictions(ctx: RunContext, model: str, preds) -> None:
+    df = preds.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"),
+                      "userId", "movieId", "rating", "prediction")
+    tables.replace_where(ctx.spark, df, ctx.warehouse, "predictions", {"run_id": ctx.run_id, "model": model})
+
+
+def _write_top_n(ctx: RunContext, model: str, recs) -> None:
+    top = recs.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"), "userId", "rank", "movieId", "score")
+    tables.replace_where(ctx.spark, top, ctx.warehouse, "top_n", {"run_id": ctx.run_id, "model": model})
+
+
+@stage("split")
+def split_stage(ctx: RunContext) -> dict:
+    from .splits import split_ratings
+
+    ratings = tables.read_table(ctx.spark, ctx.warehouse, "ratings")
+    tables.overwrite(ctx.spark, split_ratings(ratings, ctx.cfg.split, ctx.cfg.pipeline.seed), ctx.warehouse, "rating_splits")
+    counts = {r["split"]: r["count"] for r in
+              tables.read_table(ctx.spark, ctx.warehouse, "rating_splits").groupBy("split").count().collect()}
+    return {"method": ctx.cfg.split.method, **counts}
+
+
+@stage("baselines")
+def baselines_stage(ctx: RunContext) -> dict:
+    from .baselines import fit_bias, global_mean, popularity_top_n
+
+    train, test = _split_frames(ctx)
+    lo, hi = _scale(ctx)
+    mu = global_mean(train)
+    _write_predictions(ctx, "global_mean", test.withColumn("prediction", F.lit(mu)))
+    bias = fit_bias(train, ctx.cfg.baseline, lo, hi)
+    _write_predictions(ctx, "bias_baseline", bias.predict(test).withColumnRenamed("baseline", "prediction"))
+    _write_top_n(ctx, "popularity", popularity_top_n(train, max(ctx.cfg.evaluation.ks)))
+    return {"global_mean": round(mu, 4)}
+
+
+@stage("als")
+def als_stage(ctx: RunContext) -> dict:
+    import time
+
+    from .als import (factors_frame, fit_explicit, fit_implicit, model_with_item_bias, predict_explicit,
+                      recommend_unseen)
+    from .baselines import fit_bias
+
+    cfg, spark = ctx.cfg, ctx.spark
+    train, test = _split_frames(ctx)
+    lo, hi = _scale(ctx)
+    seed = cfg.pipeline.seed
+    n = max(cfg.evaluation.ks)
+    out = {}
+    t0 = time.perf_counter()
+    bias = fit_bias(train, cfg.baseline, lo, hi)
+    model = fit_explicit(train, bias, cfg.als, seed)
+    out["fit_seconds"] = round(time.perf_counter() - t0, 2)
+    preds = predict_explicit(model, bias, test, cfg.als.residual, lo, hi).cache()
+    fell_back = preds.where("fallback").count()
+    log.info("als: %d of %d test pairs had a user or movie ALS never saw: bias baseline used",
+             fell_back, preds.count())
+    out["fallbacks"] = fell_back
+    _write_predictions(ctx, "als", preds)
+    preds.unpersist()
+    tables.overwrite(spark, factors_frame(model, "user"), ctx.warehouse, "als_user_factors")
+    tables.overwrite(spark, factors_frame(model, "item"), ctx.warehouse, "als_item_factors")
+    ranker = model_with_item_bias(spark, model, bias) if cfg.als.residual else model
+    _write_top_n(ctx, "als", recommend_unseen(ranker, train, n))
+    if cfg.als_implicit.enabled:
+        imodel = fit_implicit(train, cfg.als_implicit, seed)
+        _write_top_n(ctx, "als_implicit", recommend_unseen(imodel, train, n))
+    return out
+
+
+@stage("evaluate")
+def evaluate_stage(ctx: RunContext) -> dict:
+    """Metrics of every model this run predicted or ranked, from the predictions and top_n tables."""
+    from .evaluation import evaluate_ranking_model, metrics_frame, rating_metrics
+
+    spark, wh, run = ctx.spark, ctx.warehouse, ctx.run_id
+    rows_by_model: dict[str, list] = {}
+    preds = tables.read_table(spark, wh, "predictions").where(F.col("run_id") == run)
+    for model in sorted(r.model for r in preds.select("model").distinct().collect()):
+        p = preds.where(F.col("model") == model)
+        rows_by_model.setdefault(model, []).extend((m, None, v) for m, v in rating_metrics(p).items())
+    if tables.table_exists(spark, tables.table_path(wh, "top_n")):
+        train, test = _split_frames(ctx)
+        n_items = tables.read_table(spark, wh, "movies").count()
+        top = tables.read_table(spark, wh, "top_n").where(F.col("run_id") == run)
+        for model in sorted(r.model for r in top.select("model").distinct().collect()):
+            recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
+            rows_by_model.setdefault(model, []).extend(evaluate_ranking_model(
+                recs, test, train, n_items, ks=tuple(ctx.cfg.evaluation.ks),
+                relevance_threshold=ctx.cfg.evaluation.relevance_threshold))
+            recs.unpersist()
+    frames = [metrics_frame(spark, run, m, "test", rows) for m, rows in rows_by_model.items()]
+    if not frames:
+        raise ValueError("nothing to evaluate: run split and a model stage first")
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.unionByName(f)
+    tables.replace_where(spark, df, wh, "metrics", {"run_id": run})
+    out = {}
+    for model, rows in rows_by_model.items():
+        for metric, k, value in rows:
+            log.info("metric %-13s %-10s %-4s %.4f", model, metric, "" if k is None else f"@{k}", value)
+        out[model] = {f"{m}@{k}" if k else m: round(v, 4) for m, k, v in rows
+                      if (k is None and m in ("rmse", "mae")) or (k == 10 and m in ("precision", "ndcg"))}
+    return out

@@ -46,6 +46,16 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
     "runs": _schema(("run_id", S, False), ("started_at", TS, False), ("finished_at", TS, True),
                     ("status", S, False), ("input", S, True), ("config", S, True),
                     ("stage_seconds", T.MapType(S, D), True), ("error", S, True)),
+    "rating_splits": _schema(("userId", I, False), ("movieId", I, False), ("rating", D, False),
+                             ("rated_at", TS, True), ("split", S, False)),
+    "predictions": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("movieId", I, False),
+                           ("rating", D, True), ("prediction", D, False)),
+    "als_user_factors": _schema(("userId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
+    "als_item_factors": _schema(("movieId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
+    "metrics": _schema(("run_id", S, False), ("model", S, False), ("metric", S, False), ("k", I, True),
+                       ("value", D, True), ("split", S, False)),
+    "top_n": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("rank", I, False),
+                     ("movieId", I, False), ("score", D, True)),
 }
 
 TABLE_KEYS: dict[str, list[str]] = {
@@ -69,6 +79,12 @@ TABLE_COMMENTS = {
     "genome_tags": "Tag genome vocabulary",
     "rejects": "Input rows that were not loaded, with source file, line, raw text and reason",
     "runs": "One row per pipeline run: status, input, config JSON, seconds per stage",
+    "rating_splits": "The persisted train/test split every model stage reads (deterministic per seed)",
+    "predictions": "Held-out rating predictions per run and model",
+    "als_user_factors": "Explicit ALS user factors of the latest run",
+    "als_item_factors": "Explicit ALS movie factors of the latest run",
+    "metrics": "Evaluation metrics per run, model, metric and k",
+    "top_n": "Evaluation top-N lists per run and ranking model (train movies excluded)",
 }
 
 PROPERTIES = {
@@ -149,13 +165,13 @@ def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: 
     return stats
 
 
-def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, column: str, value: str,
+def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, where: dict[str, str],
                   schema: T.StructType | None = None, partition_by: list[str] | None = None) -> None:
-    """Rewrite only the rows where column = value (a run's rows): idempotent reruns."""
+    """Rewrite only the rows matching `where` (e.g. a run's rows of one model): idempotent reruns."""
     path = ensure_table(spark, warehouse, name, schema, partition_by)
-    value_sql = value.replace("'", "''")
+    cond = " AND ".join(f"`{c}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for c, v in where.items())
     (conform(df, name, schema).write.format("delta").mode("overwrite")
-     .option("replaceWhere", f"`{column}` = '{value_sql}'")
+     .option("replaceWhere", cond)
      .save(path))
 
 

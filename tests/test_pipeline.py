@@ -18,11 +18,11 @@ from .test_ingest import CSV_MOVIES, CSV_RATINGS, write_files
 def test_run_records_success_and_failure(spark, tmp_path):
     cfg = make_config(tmp_path / "wh")
     good = write_files(tmp_path / "good", {"movies.csv": CSV_MOVIES, "ratings.csv": CSV_RATINGS})
-    ctx = run_pipeline(spark, cfg, str(good), run_id="run-ok")
+    ctx = run_pipeline(spark, cfg, str(good), stages=["ingest"], run_id="run-ok")
     assert ctx.results["ingest"]["ratings"] == 4
     bad = write_files(tmp_path / "bad", {"movies.csv": CSV_MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,9,1\n"})
     with pytest.raises(IngestError):
-        run_pipeline(spark, cfg, str(bad), run_id="run-bad")
+        run_pipeline(spark, cfg, str(bad), stages=["ingest"], run_id="run-bad")
     runs = {r.run_id: r for r in tables.read_table(spark, cfg.paths.warehouse, "runs").collect()}
     assert set(runs) == {"run-ok", "run-bad"}
     ok, failed = runs["run-ok"], runs["run-bad"]

@@ -1,0 +1,101 @@
+"""Baselines: global mean, Koren's regularized user/movie bias predictor, popularity top-N.
+
+Also the top-N helper shared by every ranking model: lists that skip what the user rated in
+train, computed without asking any model for "everything" per user.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from .config import BaselineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BiasModel:
+    mu: float
+    user_bias: DataFrame  # userId, b_u
+    item_bias: DataFrame  # movieId, b_i
+    lo: float = 0.5
+    hi: float = 5.0
+
+    def predict(self, pairs: DataFrame) -> DataFrame:
+        """Add `baseline` = mu + b_u + b_i (unknown user or movie: its bias is 0), clipped."""
+        raw = (F.lit(self.mu) + F.coalesce(F.col("b_u"), F.lit(0.0)) + F.coalesce(F.col("b_i"), F.lit(0.0)))
+        return (
+            pairs.join(self.item_bias, on="movieId", how="left")
+            .join(self.user_bias, on="userId", how="left")
+            .withColumn("baseline", F.least(F.greatest(raw, F.lit(self.lo)), F.lit(self.hi)))
+            .drop("b_u", "b_i")
+        )
+
+
+def global_mean(train: DataFrame) -> float:
+    return float(train.agg(F.avg("rating")).first()[0])
+
+
+def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float = 5.0) -> BiasModel:
+    """Koren (2008) baseline predictor by alternating shrunk means, as DataFrame aggregations.
+
+    b_i = sum(r - mu - b_u) / (item_reg + n_i);  b_u = sum(r - mu - b_i) / (user_reg + n_u)
+    """
+    mu = global_mean(train)
+    r = train.select("userId", "movieId", "rating").cache()
+    b_u = r.select("userId").distinct().withColumn("b_u", F.lit(0.0))
+    b_i = None
+    for _ in range(max(1, cfg.iterations)):
+        b_i = (
+            r.join(b_u, "userId", "left")
+            .groupBy("movieId")
+            .agg((F.sum(F.col("rating") - mu - F.col("b_u")) / (F.count(F.lit(1)) + cfg.item_reg)).alias("b_i"))
+            .checkpoint()  # cut lineage: each iteration would otherwise replan all before it
+        )
+        b_u = (
+            r.join(b_i, "movieId", "left")
+            .groupBy("userId")
+            .agg((F.sum(F.col("rating") - mu - F.col("b_i")) / (F.count(F.lit(1)) + cfg.user_reg)).alias("b_u"))
+            .checkpoint()
+        )
+    r.unpersist()
+    return BiasModel(mu, b_u, b_i, lo, hi)
+
+
+def popularity(train: DataFrame) -> DataFrame:
+    """movieId, pop_rank (1 = most rated in train; ties by movieId), n_ratings."""
+    w = Window.orderBy(F.col("n_ratings").desc(), F.col("movieId"))
+    # One small row per movie: the global window is fine at catalog size.
+    return train.groupBy("movieId").agg(F.count(F.lit(1)).alias("n_ratings")).withColumn("pop_rank", F.row_number().over(w))
+
+
+def popularity_top_n(train: DataFrame, n: int) -> DataFrame:
+    """Per user, the n most popular movies they did not rate in train: userId, movieId, rank, score.
+
+    Each user needs at most n + (movies they rated) candidates from the popularity order, so a
+    range join on pop_rank gives sum(n + n_u) rows: linear in the data, no user x catalog product.
+    """
+    pop = popularity(train)
+    seen = train.select("userId", "movieId")
+    users = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
+    cand = users.join(pop, on=F.col("pop_rank") <= F.col("n_u") + n, how="inner").select(
+        "userId", "movieId", "pop_rank", "n_ratings"
+    )
+    unseen = cand.join(seen, on=["userId", "movieId"], how="left_anti")
+    return top_n_per_user(unseen, n, score=F.col("n_ratings").cast("double"), tiebreak=F.col("pop_rank"))
+
+
+def top_n_per_user(cands: DataFrame, n: int, score, tiebreak=None) -> DataFrame:
+    """Keep each user's n best candidates by score (then tiebreak, then movieId): userId, movieId, rank, score."""
+    order = [score.desc()] + ([tiebreak] if tiebreak is not None else []) + [F.col("movieId")]
+    w = Window.partitionBy("userId").orderBy(*order)
+    return (
+        cands.withColumn("score", score)
+        .withColumn("rank", F.row_number().over(w))
+        .where(F.col("rank") <= n)
+        .select("userId", "movieId", F.col("rank").cast("int"), "score")
+    )

@@ -1,0 +1,76 @@
+"""Train/test splitters. Deterministic for a seed, across reruns and partition counts.
+
+No splitter uses rand(): a row's fate comes from a hash of (userId, movieId, seed), a pure
+function of the row, so recomputing a lineage (a lost executor, a second action) cannot move a
+row between train and test. The result is persisted in `rating_splits` and every later stage
+reads it from there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from .config import SplitConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ["userId", "movieId", "rating", "rated_at", "split"]
+
+
+def hash_unit(seed: int) -> Column:
+    """A uniform number in [0, 1) from (userId, movieId, seed)."""
+    h = F.xxhash64(F.col("userId"), F.col("movieId"), F.lit(seed))
+    # pmod keeps it non-negative; 2^52 buckets are plenty and exact in a double.
+    return F.pmod(h, F.lit(1 << 52)).cast("double") / float(1 << 52)
+
+
+def random_split(ratings: DataFrame, test_ratio: float, seed: int) -> DataFrame:
+    split = F.when(hash_unit(seed) < test_ratio, "test").otherwise("train")
+    return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
+
+
+def stratified_split(ratings: DataFrame, test_ratio: float, seed: int) -> DataFrame:
+    """Per user: round(n * test_ratio) of their ratings in test, at least 1 and at most n - 1.
+
+    Users with a single rating stay in train (they cannot be both trained and tested on).
+    """
+    w = Window.partitionBy("userId").orderBy(hash_unit(seed), "movieId")
+    n = F.count(F.lit(1)).over(Window.partitionBy("userId"))
+    n_test = F.least(F.greatest(F.round(n * test_ratio), F.lit(1)), n - 1)
+    split = F.when((n >= 2) & (F.row_number().over(w) <= n_test), "test").otherwise("train")
+    return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
+
+
+def temporal_global_split(ratings: DataFrame, cutoff: dt.datetime) -> DataFrame:
+    """Everything rated at or after the cutoff is test: the model only sees the past."""
+    split = F.when(F.col("rated_at") >= F.lit(cutoff), "test").otherwise("train")
+    return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
+
+
+def temporal_user_split(ratings: DataFrame, last_n: int) -> DataFrame:
+    """Each user's last n ratings (ties by movieId) are test, if the user has more than n."""
+    w = Window.partitionBy("userId").orderBy(F.col("rated_at").desc(), F.col("movieId").desc())
+    n = F.count(F.lit(1)).over(Window.partitionBy("userId"))
+    split = F.when((n > last_n) & (F.row_number().over(w) <= last_n), "test").otherwise("train")
+    return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
+
+
+def quantile_cutoff(ratings: DataFrame, test_ratio: float) -> dt.datetime:
+    secs = ratings.select(F.unix_timestamp("rated_at").alias("s")).approxQuantile("s", [1.0 - test_ratio], 1e-4)[0]
+    return dt.datetime.fromtimestamp(secs, dt.timezone.utc).replace(tzinfo=None)
+
+
+def split_ratings(ratings: DataFrame, cfg: SplitConfig, seed: int) -> DataFrame:
+    if cfg.method == "random":
+        return random_split(ratings, cfg.test_ratio, seed)
+    if cfg.method == "stratified":
+        return stratified_split(ratings, cfg.test_ratio, seed)
+    if cfg.method == "temporal_user":
+        return temporal_user_split(ratings, cfg.last_n)
+    cutoff = dt.datetime.fromisoformat(cfg.cutoff) if cfg.cutoff else quantile_cutoff(ratings, cfg.test_ratio)
+    log.info("temporal split at %s", cutoff.isoformat())
+    return temporal_global_split(ratings, cutoff)
