@@ -47,21 +47,22 @@ def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float =
     """
     mu = global_mean(train)
     r = train.select("userId", "movieId", "rating").cache()
-    b_u = r.select("userId").distinct().withColumn("b_u", F.lit(0.0))
+    b_u = None
     b_i = None
     for _ in range(max(1, cfg.iterations)):
-        b_i = (
-            r.join(b_u, "userId", "left")
-            .groupBy("movieId")
-            .agg((F.sum(F.col("rating") - mu - F.col("b_u")) / (F.count(F.lit(1)) + cfg.item_reg)).alias("b_i"))
-            .checkpoint()  # cut lineage: each iteration would otherwise replan all before it
-        )
-        b_u = (
-            r.join(b_i, "movieId", "left")
-            .groupBy("userId")
-            .agg((F.sum(F.col("rating") - mu - F.col("b_i")) / (F.count(F.lit(1)) + cfg.user_reg)).alias("b_u"))
-            .checkpoint()
-        )
+        resid = F.col("rating") - mu - (F.col("b_u") if b_u is not None else F.lit(0.0))
+        src = r.join(b_u, "userId", "left") if b_u is not None else r
+        new_i = (src.groupBy("movieId")
+                 .agg((F.sum(resid) / (F.count(F.lit(1)) + cfg.item_reg)).alias("b_i")).cache())
+        new_i.count()  # materialise: the next iteration builds on it, keep lineage short
+        new_u = (r.join(new_i, "movieId", "left").groupBy("userId")
+                 .agg((F.sum(F.col("rating") - mu - F.col("b_i")) / (F.count(F.lit(1)) + cfg.user_reg)).alias("b_u"))
+                 .cache())
+        new_u.count()
+        for old in (b_i, b_u):
+            if old is not None:
+                old.unpersist()
+        b_i, b_u = new_i, new_u
     r.unpersist()
     return BiasModel(mu, b_u, b_i, lo, hi)
 

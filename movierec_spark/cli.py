@@ -60,6 +60,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "spark.master": getattr(args, "master", None),
         "spark.driver_memory": getattr(args, "driver_memory", None),
         "spark.shuffle_partitions": getattr(args, "shuffle_partitions", None),
+        "split.train_file": getattr(args, "train", None),
+        "split.test_file": getattr(args, "test", None),
     }
     overrides.update(_parse_set(getattr(args, "set", [])))
     cfg = load_config(getattr(args, "config", None), overrides)
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--stages", help="comma-separated stages to run instead of pipeline.stages")
     p.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
+    p.add_argument("--train", help="predefined training ratings file (u1.base, .dat, CSV); needs --test")
+    p.add_argument("--test", help="predefined test ratings file; replaces the configured splitter")
 
     p = sub.add_parser("ingest", help="ingest a MovieLens dataset into Delta tables")
     _add_common(p, need_input=True)

@@ -90,6 +90,9 @@ class SplitConfig:
     # temporal_global: ISO date/time; when unset, the (1 - test_ratio) quantile of rated_at.
     cutoff: str | None = None
     last_n: int = 1
+    # A predefined split (e.g. ml-100k's u1.base / u1.test) replaces the splitter when both are set.
+    train_file: str | None = None
+    test_file: str | None = None
 
 
 @dataclass
@@ -97,7 +100,7 @@ class BaselineConfig:
     # Koren's shrinkage: item and user biases are pulled towards 0 by these pseudo-counts.
     item_reg: float = 5.0
     user_reg: float = 3.0
-    iterations: int = 3
+    iterations: int = 2
 
 
 @dataclass
@@ -117,7 +120,6 @@ class AlsConfig:
 
 @dataclass
 class ImplicitAlsConfig:
-    enabled: bool = True
     rank: int = 32
     max_iter: int = 15
     reg_param: float = 0.05
@@ -334,6 +336,15 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
         if not inp.exists():
             raise bad(f"paths.input: not found: {cfg.paths.input} (a MovieLens directory or .zip)")
         cfg.paths.input = str(inp.resolve())
+    if bool(cfg.split.train_file) != bool(cfg.split.test_file):
+        raise bad("split.train_file and split.test_file (--train/--test) go together")
+    for key in ("train_file", "test_file"):
+        val = getattr(cfg.split, key)
+        if val:
+            f = Path(os.path.expanduser(val))
+            if not f.is_file():
+                raise bad(f"split.{key}: not found: {val}")
+            setattr(cfg.split, key, str(f.resolve()))
     if not is_uri(cfg.paths.warehouse):
         wh = Path(os.path.expanduser(cfg.paths.warehouse)).resolve()
         parent = next((p for p in [wh, *wh.parents] if p.exists()), None)

@@ -42,6 +42,7 @@ REASONS = (
     "unknown_movie",
     "unknown_tag",
     "duplicate",
+    "in_train",
 )
 MAX_INT = 2**31 - 1
 
@@ -126,7 +127,8 @@ def split_fields(lines: DataFrame, spec: FileSpec) -> DataFrame:
 
 
 def _field(i: int) -> Column:
-    return F.trim(F.col("f")[i])
+    # get() is null past the end (a short line), where [] raises under ANSI mode.
+    return F.trim(F.get(F.col("f"), i))
 
 
 def _id(i: int) -> Column:
@@ -179,13 +181,44 @@ def check_ratings(df: DataFrame, spec: FileSpec, layout: Layout, now: int) -> Da
         ((rating < lo) | (rating > hi), "rating_off_scale"),
         # Compare in integer steps so 3.5 on a 0.5 scale is exact.
         (F.abs((rating - lo) / step - F.round((rating - lo) / step)) > 1e-9, "rating_off_step"),
-    ] + _timestamp_reasons(3, now)
+    ]
+    has_time = len(spec.columns) > 3  # predefined split files may omit the timestamp
+    if has_time:
+        checks += _timestamp_reasons(3, now)
     out = _with_reason(_data_lines(df, spec), spec, checks)
+    rated_at = F.timestamp_seconds(_field(3).try_cast("long")) if has_time else F.lit(None).cast("timestamp")
     return out.select(
         "line", "raw", "reason",
-        _id(0).alias("userId"), _id(1).alias("movieId"), rating.alias("rating"),
-        F.timestamp_seconds(_field(3).try_cast("long")).alias("rated_at"),
+        _id(0).alias("userId"), _id(1).alias("movieId"), rating.alias("rating"), rated_at.alias("rated_at"),
     )
+
+
+def check_split_files(spark: SparkSession, train_spec: FileSpec, test_spec: FileSpec, movie_ids: DataFrame,
+                      scale: tuple[float, float, float], whole_file_max_bytes: int,
+                      now: int | None = None) -> dict[str, CheckedFile]:
+    """Check predefined train and test rating files like ingest checks ratings.
+
+    On top: a test pair that is also in train is rejected as 'in_train' (it would leak).
+    """
+    import os
+
+    now = int(now if now is not None else time.time())
+    layout = Layout("split", "", scale[0], scale[1], scale[2])
+    out = {}
+    for role, spec in (("train", train_spec), ("test", test_spec)):
+        lines = split_fields(read_lines(spark, spec, whole_file_max_bytes, os.path.getsize(spec.path)), spec)
+        df = reject_unknown(check_ratings(lines, spec, layout, now), movie_ids, "movieId", "unknown_movie")
+        df = reject_duplicates(df, ["userId", "movieId"], [F.col("rated_at").desc_nulls_last(), F.col("line").desc()])
+        if role == "test":
+            train_pairs = out["train"].df.where(F.col("reason").isNull()).select(
+                "userId", "movieId", F.lit(True).alias("_in_train"))
+            df = df.join(train_pairs, ["userId", "movieId"], "left").withColumn(
+                "reason", F.when(F.col("reason").isNull() & F.col("_in_train"), F.lit("in_train"))
+                .otherwise(F.col("reason"))).drop("_in_train")
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        out[role] = CheckedFile("ratings", os.path.basename(spec.path), df, _count_reasons(df))
+        log.info("checked %s (%s): %s", out[role].source, role, out[role].counts)
+    return out
 
 
 YEAR_RE = r"\((\d{4})(?:[-\u2013]\d{0,4})?\)\s*$"

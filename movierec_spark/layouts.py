@@ -137,15 +137,17 @@ def detect_layout(path: str | Path) -> Layout:
 
 
 def rating_file_spec(path: str | Path) -> FileSpec:
-    """A standalone ratings file for predefined splits (u1.base, ratings.dat, CSV)."""
+    """A standalone ratings file for predefined splits: ml-100k's u1.base (tab), `::` .dat, or
+    CSV with userId,movieId,rating[,timestamp] (header optional). Timestamps are optional."""
     p = Path(path)
     if not p.is_file():
         raise LayoutError(f"ratings file not found: {p}")
     with open(p, "rb") as fh:
-        first = fh.readline().decode("utf-8", errors="replace")
-    if "::" in first:
-        return FileSpec("ratings", str(p), "::", CSV_COLUMNS["ratings"], False, "UTF-8")
-    if "\t" in first:
-        return FileSpec("ratings", str(p), "\t", CSV_COLUMNS["ratings"], False, "UTF-8")
-    header = first.strip().lstrip("\ufeff").lower().startswith("userid")
-    return FileSpec("ratings", str(p), "csv", CSV_COLUMNS["ratings"], header, "UTF-8")
+        first = fh.readline().decode("utf-8", errors="replace").strip().lstrip("\ufeff")
+    sep = "::" if "::" in first else "\t" if "\t" in first else "csv"
+    n = len(first.split({"csv": ","}.get(sep, sep)))
+    if n not in (3, 4):
+        raise LayoutError(f"{p}: expected 3 or 4 fields (userId, movieId, rating[, timestamp]), "
+                          f"the first line has {n}: {first[:80]!r}")
+    header = sep == "csv" and first.lower().startswith("userid")
+    return FileSpec("ratings", str(p), sep, CSV_COLUMNS["ratings"][:n], header, "UTF-8")

@@ -117,10 +117,38 @@ def _write_top_n(ctx: RunContext, model: str, recs) -> None:
     tables.replace_where(ctx.spark, top, ctx.warehouse, "top_n", {"run_id": ctx.run_id, "model": model})
 
 
+def predefined_split(ctx: RunContext):
+    """rating_splits from --train/--test files, checked like ingest; bad rows go to rejects."""
+    from .ingest import check_split_files, enforce_threshold
+    from .layouts import rating_file_spec
+
+    spark, cfg = ctx.spark, ctx.cfg
+    movie_ids = tables.read_table(spark, ctx.warehouse, "movies").select("movieId")
+    checked = check_split_files(
+        spark, rating_file_spec(cfg.split.train_file), rating_file_spec(cfg.split.test_file), movie_ids,
+        (0.5, 5.0, 0.5), cfg.ingest.whole_file_max_bytes)
+    try:
+        enforce_threshold(checked, cfg.ingest.reject_threshold)
+        rejects = checked["train"].rejects(ctx.run_id).unionByName(checked["test"].rejects(ctx.run_id))
+        tables.replace_where(spark, rejects, ctx.warehouse, "rejects", {"run_id": ctx.run_id})
+        splits = None
+        for role, cf in checked.items():
+            part = cf.df.where(F.col("reason").isNull()).select(
+                "userId", "movieId", "rating", "rated_at", F.lit(role).alias("split"))
+            splits = part if splits is None else splits.unionByName(part)
+        tables.overwrite(spark, splits, ctx.warehouse, "rating_splits")
+    finally:
+        for cf in checked.values():
+            cf.df.unpersist()
+    return {role: cf.counts for role, cf in checked.items()}
+
+
 @stage("split")
 def split_stage(ctx: RunContext) -> dict:
     from .splits import split_ratings
 
+    if ctx.cfg.split.train_file:
+        return {"method": "predefined", **predefined_split(ctx)}
     ratings = tables.read_table(ctx.spark, ctx.warehouse, "ratings")
     tables.overwrite(ctx.spark, split_ratings(ratings, ctx.cfg.split, ctx.cfg.pipeline.seed), ctx.warehouse, "rating_splits")
     counts = {r["split"]: r["count"] for r in
@@ -144,37 +172,51 @@ def baselines_stage(ctx: RunContext) -> dict:
 
 @stage("als")
 def als_stage(ctx: RunContext) -> dict:
+    """Explicit ALS on the bias baseline's residuals: predictions, factors, and its top-N."""
     import time
 
-    from .als import (factors_frame, fit_explicit, fit_implicit, model_with_item_bias, predict_explicit,
-                      recommend_unseen)
+    from .als import factors_frame, fit_explicit, model_with_item_bias, predict_explicit, recommend_unseen
     from .baselines import fit_bias
 
     cfg, spark = ctx.cfg, ctx.spark
     train, test = _split_frames(ctx)
     lo, hi = _scale(ctx)
-    seed = cfg.pipeline.seed
-    n = max(cfg.evaluation.ks)
-    out = {}
-    t0 = time.perf_counter()
-    bias = fit_bias(train, cfg.baseline, lo, hi)
-    model = fit_explicit(train, bias, cfg.als, seed)
-    out["fit_seconds"] = round(time.perf_counter() - t0, 2)
+    out, t = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        out[f"{name}_s"] = round(now - t, 2)
+        t = now
+
+    bias = fit_bias(train, cfg.baseline, lo, hi) if cfg.als.residual else None
+    model = fit_explicit(train, bias, cfg.als, cfg.pipeline.seed)
+    lap("fit")
     preds = predict_explicit(model, bias, test, cfg.als.residual, lo, hi).cache()
-    fell_back = preds.where("fallback").count()
+    out["fallbacks"] = preds.where("fallback").count()
     log.info("als: %d of %d test pairs had a user or movie ALS never saw: bias baseline used",
-             fell_back, preds.count())
-    out["fallbacks"] = fell_back
+             out["fallbacks"], preds.count())
     _write_predictions(ctx, "als", preds)
     preds.unpersist()
+    lap("predict")
     tables.overwrite(spark, factors_frame(model, "user"), ctx.warehouse, "als_user_factors")
     tables.overwrite(spark, factors_frame(model, "item"), ctx.warehouse, "als_item_factors")
+    lap("factors")
     ranker = model_with_item_bias(spark, model, bias) if cfg.als.residual else model
-    _write_top_n(ctx, "als", recommend_unseen(ranker, train, n))
-    if cfg.als_implicit.enabled:
-        imodel = fit_implicit(train, cfg.als_implicit, seed)
-        _write_top_n(ctx, "als_implicit", recommend_unseen(imodel, train, n))
+    _write_top_n(ctx, "als", recommend_unseen(ranker, train, max(cfg.evaluation.ks)))
+    lap("top_n")
     return out
+
+
+@stage("als_implicit")
+def als_implicit_stage(ctx: RunContext) -> dict:
+    """Implicit ALS, the collaborative ranking model: top-N lists without train movies."""
+    from .als import fit_implicit, recommend_unseen
+
+    train, _ = _split_frames(ctx)
+    model = fit_implicit(train, ctx.cfg.als_implicit, ctx.cfg.pipeline.seed)
+    _write_top_n(ctx, "als_implicit", recommend_unseen(model, train, max(ctx.cfg.evaluation.ks)))
+    return {"rank": ctx.cfg.als_implicit.rank}
 
 
 @stage("evaluate")

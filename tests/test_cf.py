@@ -112,7 +112,7 @@ def test_cf_pipeline_end_to_end(spark, tmp_path):
     data = tmp_path / "gen"
     generate_dataset(data, users=150, movies=300, ratings=12_000, seed=5)
     cfg = make_config(tmp_path / "wh", als__rank=8, als__max_iter=8, als_implicit__rank=8, als_implicit__max_iter=8)
-    ctx = run_pipeline(spark, cfg, str(data), stages=["ingest", "split", "baselines", "als", "evaluate"], run_id="e2e")
+    ctx = run_pipeline(spark, cfg, str(data), stages=["ingest", "split", "baselines", "als", "als_implicit", "evaluate"], run_id="e2e")
     wh = cfg.paths.warehouse
     splits = tables.read_table(spark, wh, "rating_splits")
     test = splits.where("split = 'test'")
@@ -135,3 +135,34 @@ def test_cf_pipeline_end_to_end(spark, tmp_path):
     assert m[("als_implicit", "ndcg", 10)] > 0 and ("popularity", "coverage", 10) in m
     assert ctx.results["als"]["fallbacks"] >= 0
     assert tables.read_table(spark, wh, "als_item_factors").first().features is not None
+
+
+def test_predefined_split_files(spark, tmp_path):
+    """--train/--test: ml-100k-style u1.base/u1.test; bad rows and leaked pairs go to rejects."""
+    from movierec_spark import tables
+    from movierec_spark.pipeline import run_pipeline
+
+    from .conftest import make_config
+    from .test_ingest import CSV_MOVIES, CSV_RATINGS, write_files
+
+    root = write_files(tmp_path / "ml", {"movies.csv": CSV_MOVIES, "ratings.csv": CSV_RATINGS})
+    base = write_files(tmp_path / "split", {
+        "u1.base": "1\t1\t4\t881250949\n1\t2\t3\t881250950\n2\t3\t5\t881250951\n",
+        # line 2 leaks a train pair; line 3 rates a movie the catalog lacks; line 4 is malformed.
+        "u1.test": "2\t1\t2\t881250952\n1\t2\t3\t881250953\n3\t99\t4\t881250954\n3\t4\n",
+        "test.csv": "userId,movieId,rating\n2,1,2.5\n",
+    })
+    cfg = make_config(tmp_path / "wh", split__train_file=str(base / "u1.base"),
+                      split__test_file=str(base / "u1.test"), ingest__reject_threshold=0.9)
+    run_pipeline(spark, cfg, str(root), stages=["ingest", "split"], run_id="pre")
+    s = tables.read_table(spark, cfg.paths.warehouse, "rating_splits")
+    assert sorted((r.split, r.userId, r.movieId, r.rating) for r in s.collect()) == [
+        ("test", 2, 1, 2.0), ("train", 1, 1, 4.0), ("train", 1, 2, 3.0), ("train", 2, 3, 5.0)]
+    rej = tables.read_table(spark, cfg.paths.warehouse, "rejects").where("run_id = 'pre'")
+    assert sorted((r.source, r.line, r.reason) for r in rej.collect()) == [
+        ("u1.test", 2, "in_train"), ("u1.test", 3, "unknown_movie"), ("u1.test", 4, "wrong_column_count")]
+    # A CSV without timestamps is accepted too.
+    cfg2 = make_config(tmp_path / "wh2", split__train_file=str(base / "u1.base"), split__test_file=str(base / "test.csv"))
+    run_pipeline(spark, cfg2, str(root), stages=["ingest", "split"], run_id="csv")
+    t = tables.read_table(spark, cfg2.paths.warehouse, "rating_splits").where("split = 'test'").collect()
+    assert [(r.userId, r.movieId, r.rating, r.rated_at) for r in t] == [(2, 1, 2.5, None)]

@@ -313,3 +313,21 @@ def test_ml_latest_small_exact_counts(spark, tmp_path, ml_small):
     assert (toy.title, toy.year, toy.genres) == ("Toy Story (1995)", 1995,
                                                  ["Adventure", "Animation", "Children", "Comedy", "Fantasy"])
     assert read(spark, cfg, "movies").where(F.size("genres") == 0).count() == 34
+
+
+def test_genome_files_join_into_genome_table(spark, tmp_path):
+    cfg = make_config(tmp_path / "wh", ingest__reject_threshold=0.5)
+    root = write_files(tmp_path / "ml-25m", {
+        "movies.csv": CSV_MOVIES,
+        "ratings.csv": CSV_RATINGS,
+        "genome-tags.csv": "tagId,tag\n1,007\n2,\"action, packed\"\n",
+        "genome-scores.csv": "movieId,tagId,relevance\n1,1,0.02875\n1,2,0.9\n2,1,1.5\n2,9,0.5\n777,1,0.1\n",
+    })
+    summary = ingest(spark, cfg, str(root), "r1", now=NOW)
+    assert rows(read(spark, cfg, "genome"), "movieId", "tagId", "tag", "relevance") == [
+        (1, 1, "007", 0.02875), (1, 2, "action, packed", 0.9),
+    ]
+    assert rows(read(spark, cfg, "rejects").where("source = 'genome-scores.csv'"), "line", "reason") == [
+        (4, "bad_rating"), (5, "unknown_tag"), (6, "unknown_movie"),
+    ]
+    assert summary["genome-scores.csv"]["input"] == 5
