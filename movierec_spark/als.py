@@ -130,6 +130,10 @@ def model_with_item_bias(spark: SparkSession, model: ALSModel, bias: BiasModel) 
     return out
 
 
+# Below this many candidate rows, one recommendForAllUsers pass beats several bucketed ones.
+SINGLE_PASS_MAX_ROWS = 5_000_000
+
+
 def recommend_unseen(model: ALSModel, train: DataFrame, n: int) -> DataFrame:
     """Top-n movies per train user by the model's score, excluding movies rated in train.
 
@@ -140,6 +144,14 @@ def recommend_unseen(model: ALSModel, train: DataFrame, n: int) -> DataFrame:
     """
     seen = train.select("userId", "movieId")
     counts = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
+    stats = counts.agg(F.count(F.lit(1)).alias("users"), F.max("n_u").alias("most")).first()
+    if stats.users and stats.users * (n + stats.most) <= SINGLE_PASS_MAX_ROWS:
+        # Small enough to ask everyone for n + the largest history in one job.
+        recs = model.recommendForAllUsers(n + stats.most)
+        cands = recs.select("userId", F.explode("recommendations").alias("rec")).select(
+            "userId", F.col("rec.movieId").alias("movieId"), F.col("rec.rating").alias("s"))
+        unseen = cands.join(seen, on=["userId", "movieId"], how="left_anti")
+        return top_n_per_user(unseen, n, score=F.col("s").cast("double"))
     # Buckets of powers of 4 from 64 up: few jobs, and no user asks for more than 4x its need.
     exp = F.greatest(F.ceil(F.log2(F.greatest(F.col("n_u"), F.lit(1))) / 2), F.lit(3)).cast("int")
     bucketed = counts.withColumn("b", exp).cache()

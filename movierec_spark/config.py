@@ -131,6 +131,29 @@ class ImplicitAlsConfig:
 
 
 @dataclass
+class ContentConfig:
+    # Block weights: each block is L2-normalised, multiplied by its weight, then the whole
+    # vector is normalised again.
+    genre_weight: float = 1.0
+    tag_weight: float = 1.0
+    genome_weight: float = 1.0
+    year_weight: float = 0.5
+    # A tag must be used on at least this many movies to become a feature.
+    min_tag_movies: int = 1
+    k: int = 20
+    # exact (inverted index; small catalogs), lsh (scalable), or auto (exact up to exact_max_movies).
+    method: str = "auto"
+    exact_max_movies: int = 20000
+    # SimHash banding: bits per table (higher = tighter buckets), tables (more = higher recall),
+    # and the most movies compared with each other inside one bucket.
+    lsh_bits: int = 10
+    lsh_tables: int = 12
+    lsh_bucket_cap: int = 64
+    # Tag vocabulary cap (most used tags first) so dense vectors stay narrow on ml-25m.
+    max_tags: int = 2000
+
+
+@dataclass
 class EvaluationConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
     # Test items that count as relevant for ranking metrics; null = every held-out item.
@@ -154,6 +177,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     als: AlsConfig = field(default_factory=AlsConfig)
     als_implicit: ImplicitAlsConfig = field(default_factory=ImplicitAlsConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     # Where the file came from, for messages and relative paths; not a user setting.
@@ -320,6 +344,8 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
         raise bad(f"split.test_ratio must be within (0, 1), got {cfg.split.test_ratio}")
     if cfg.als_implicit.confidence not in ("binary", "rating"):
         raise bad("als_implicit.confidence must be 'binary' or 'rating'")
+    if cfg.content.method not in ("auto", "exact", "lsh"):
+        raise bad("content.method must be auto, exact or lsh")
     if any(k < 1 for k in cfg.evaluation.ks) or cfg.evaluation.top_n < 1:
         raise bad("evaluation.ks and evaluation.top_n must be >= 1")
     for name in ("users", "movies", "ratings"):

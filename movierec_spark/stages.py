@@ -254,3 +254,25 @@ def evaluate_stage(ctx: RunContext) -> dict:
         out[model] = {f"{m}@{k}" if k else m: round(v, 4) for m, k, v in rows
                       if (k is None and m in ("rmse", "mae")) or (k == 10 and m in ("precision", "ndcg"))}
     return out
+
+
+@stage("content")
+def content_stage(ctx: RunContext) -> dict:
+    """Movie attribute vectors and their top-K cosine neighbours into `similar_movies`."""
+    from .content import exact_neighbours, lsh_neighbours, movie_vectors
+
+    spark, wh, c = ctx.spark, ctx.warehouse, ctx.cfg.content
+    movies = tables.read_table(spark, wh, "movies")
+    opt = lambda name: tables.read_table(spark, wh, name) if tables.table_exists(spark, tables.table_path(wh, name)) else None  # noqa: E731
+    vectors = movie_vectors(movies, opt("tags"), opt("genome"), c).cache()
+    n = vectors.count()
+    empty = vectors.where(~F.col("has_content")).count()
+    method = c.method if c.method != "auto" else ("exact" if n <= c.exact_max_movies else "lsh")
+    if method == "exact":
+        sims = exact_neighbours(vectors, c.k)
+    else:
+        sims = lsh_neighbours(vectors, c.k, c.lsh_bits, c.lsh_tables, c.lsh_bucket_cap, ctx.cfg.pipeline.seed)
+    tables.overwrite(spark, sims, wh, "similar_movies")
+    vectors.unpersist()
+    log.info("content: %d movies (%d without any attribute: no neighbours), %s neighbours", n, empty, method)
+    return {"movies": n, "without_content": empty, "method": method}

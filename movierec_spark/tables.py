@@ -52,6 +52,8 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                            ("rating", D, True), ("prediction", D, False)),
     "als_user_factors": _schema(("userId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
     "als_item_factors": _schema(("movieId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
+    "similar_movies": _schema(("movieId", I, False), ("similar_movieId", I, False), ("rank", I, False),
+                              ("similarity", D, False)),
     "metrics": _schema(("run_id", S, False), ("model", S, False), ("metric", S, False), ("k", I, True),
                        ("value", D, True), ("split", S, False)),
     "top_n": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("rank", I, False),
@@ -83,6 +85,7 @@ TABLE_COMMENTS = {
     "predictions": "Held-out rating predictions per run and model",
     "als_user_factors": "Explicit ALS user factors of the latest run",
     "als_item_factors": "Explicit ALS movie factors of the latest run",
+    "similar_movies": "Top-K content neighbours per movie by cosine of genre/tag/genome/year vectors",
     "metrics": "Evaluation metrics per run, model, metric and k",
     "top_n": "Evaluation top-N lists per run and ranking model (train movies excluded)",
 }

@@ -1,0 +1,225 @@
+"""Content-based similarity: movie attribute vectors and their top-K cosine neighbours.
+
+A movie's vector concatenates weighted, separately L2-normalised blocks (genres multi-hot; user
+tags as TF-IDF over normalised tag text; tag-genome relevance where the dataset has it; release
+decade one-hot) and is L2-normalised again, so a dot product is the cosine. All of it is MLlib
+feature transformers: no Python on the rows.
+
+Neighbours:
+- `exact_neighbours`: every movie against every movie in MLlib's blocked product (the one
+  recommendForAllUsers uses): exact, cost movies^2 x dimensions, so it is the small-catalog mode
+  and the yardstick for the approximation.
+- `lsh_neighbours`: random-hyperplane LSH with banding over the unit vectors for candidates,
+  exact cosine on the candidates, top-K per movie.
+
+A movie with no genres, no tags, no genome and no year has the zero vector: cosine is undefined,
+so it gets no neighbours and appears in nobody's list (documented in README).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.ml.feature import IDF, CountVectorizer, Normalizer, VectorAssembler
+from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from .config import ContentConfig
+
+log = logging.getLogger(__name__)
+
+
+def normalize_tag(col: str = "tag"):
+    """Lower case, trimmed, inner whitespace collapsed: 'Pixar ', 'pixar' and 'PIXAR' are one tag."""
+    return F.regexp_replace(F.lower(F.trim(F.col(col))), r"\s+", " ")
+
+
+def _block(df: DataFrame, tokens: str, out: str, binary: bool, min_df: float = 1.0, idf: bool = False,
+           vocab: int = 1 << 18) -> DataFrame:
+    """Token arrays -> L2-normalised count (or TF-IDF) vectors in column `out`."""
+    cv = CountVectorizer(inputCol=tokens, outputCol=f"{out}_tf", binary=binary, minDF=min_df, vocabSize=vocab)
+    model = cv.fit(df)
+    if not model.vocabulary:
+        # No movie has this attribute (e.g. a dataset without tags): the block is left out.
+        return df
+    vec = model.transform(df)
+    col = f"{out}_tf"
+    if idf:
+        vec = IDF(inputCol=col, outputCol=f"{out}_idf").fit(vec).transform(vec)
+        col = f"{out}_idf"
+    # Normalizer leaves a zero vector as it is (no NaN): a movie without the block adds nothing.
+    return Normalizer(inputCol=col, outputCol=out, p=2.0).transform(vec)
+
+
+def _scale(df: DataFrame, col: str, weight: float) -> DataFrame:
+    # A block's weight multiplies its unit vector; done on the array form (no UDF).
+    arr = F.transform(vector_to_array(col), lambda x: x * F.lit(weight))
+    return df.withColumn(col, array_to_vector(arr))
+
+
+def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame | None,
+                  cfg: ContentConfig) -> DataFrame:
+    """movieId, features (unit-length MLlib vector; zero for a movie with no attributes), has_content."""
+    base = movies.select(
+        "movieId",
+        F.coalesce("genres", F.array().cast("array<string>")).alias("genre_tokens"),
+        F.when(F.col("year").isNotNull(), F.array(F.concat(F.lit("decade_"), (F.floor(F.col("year") / 10) * 10).cast("string"))))
+        .otherwise(F.array().cast("array<string>")).alias("year_tokens"),
+    )
+    if tags is not None:
+        # Each application of a tag counts once per user: TF = number of users who applied it.
+        tag_tokens = (tags.select("movieId", "userId", normalize_tag().alias("t")).where(F.col("t") != "")
+                      .distinct().groupBy("movieId").agg(F.collect_list("t").alias("tag_tokens")))
+        base = base.join(tag_tokens, "movieId", "left")
+    base = base.withColumn("tag_tokens", F.coalesce(F.col("tag_tokens") if tags is not None else F.lit(None),
+                                                    F.array().cast("array<string>")))
+    df = _block(base, "genre_tokens", "v_genre", binary=True)
+    df = _block(df, "tag_tokens", "v_tag", binary=False, min_df=float(cfg.min_tag_movies), idf=True,
+                vocab=cfg.max_tags)
+    df = _block(df, "year_tokens", "v_year", binary=True)
+    blocks = [(c, w) for c, w in (("v_genre", cfg.genre_weight), ("v_tag", cfg.tag_weight),
+                                  ("v_year", cfg.year_weight)) if c in df.columns and w > 0]
+    if genome is not None:
+        # Dense relevance over the genome's tags, in tagId order.
+        g = genome.groupBy("movieId").agg(
+            F.sort_array(F.collect_list(F.struct("tagId", "relevance"))).alias("g"))
+        g = g.select("movieId", array_to_vector(F.transform("g", lambda s: s["relevance"])).alias("g_raw"))
+        g = Normalizer(inputCol="g_raw", outputCol="v_genome", p=2.0).transform(g).select("movieId", "v_genome")
+        width = len(g.first()["v_genome"]) if g.take(1) else 0
+        df = df.join(g, "movieId", "left").withColumn(
+            "v_genome", F.coalesce(F.col("v_genome"), array_to_vector(F.array_repeat(F.lit(0.0), width))))
+        if width and cfg.genome_weight > 0:
+            blocks.append(("v_genome", cfg.genome_weight))
+    for col, w in blocks:
+        df = _scale(df, col, w)
+    df = VectorAssembler(inputCols=[c for c, _ in blocks], outputCol="raw").transform(df)
+    df = Normalizer(inputCol="raw", outputCol="features", p=2.0).transform(df)
+    nnz = F.size(F.filter(vector_to_array("raw"), lambda x: x != 0))
+    return df.select("movieId", "features", (nnz > 0).alias("has_content"))
+
+
+def _top_k(pairs: DataFrame, k: int) -> DataFrame:
+    """pairs(movieId, similar_movieId, similarity) in both orientations -> top-k per movie.
+
+    Ties broken by the neighbour's id (smaller first) so reruns give identical lists.
+    """
+    w = Window.partitionBy("movieId").orderBy(F.col("similarity").desc(), F.col("similar_movieId"))
+    # A cosine of 0 shares nothing: not a neighbour.
+    return (pairs.where(F.col("similarity") > 0).withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= k)
+            .select(F.col("movieId").cast("int"), F.col("similar_movieId").cast("int"),
+                    F.col("rank").cast("int"), F.col("similarity").cast("double")))
+
+
+def _dense(vectors: DataFrame) -> DataFrame:
+    return vectors.where("has_content").select(
+        F.col("movieId").alias("id"), vector_to_array("features", "float32").alias("features"))
+
+
+def _dot_model(left: DataFrame, right: DataFrame, dim: int, left_col: str, right_col: str):
+    """An ALSModel whose factors are `left` and `right` (id, features array<float>).
+
+    MLlib computes factor dot products in the JVM, blocked and with BLAS: transform() scores given
+    pairs, recommendForAllUsers() scores all of them with a per-row top-k heap. pyspark has no
+    constructor from factor tables, so the JVM one is called directly.
+    """
+    from pyspark.ml.recommendation import ALSModel
+
+    jvm = left.sparkSession.sparkContext._jvm
+    jmodel = jvm.org.apache.spark.ml.recommendation.ALSModel("content_dot", dim, left._jdf, right._jdf)
+    jmodel.setUserCol(left_col).setItemCol(right_col).setPredictionCol("dot").setColdStartStrategy("nan")
+    return ALSModel(jmodel)
+
+
+def _pairs_frame(pairs: DataFrame) -> DataFrame:
+    return pairs.select(F.col("movieId").cast("int"), F.col("similar_movieId").cast("int"),
+                        F.round(F.col("dot").cast("double"), 6).alias("similarity"))
+
+
+def exact_neighbours(vectors: DataFrame, k: int) -> DataFrame:
+    """Exact top-k cosine neighbours of every movie against the whole catalog.
+
+    A self-join on feature index would be exact too, but genres are shared by thousands of
+    movies, so it emits sum(df^2) partial products. Instead the unit vectors go into MLlib's
+    blocked matrix product with a per-row top-k heap (recommendForAllUsers), which scores every
+    pair once in the JVM and keeps k + 1 per movie (itself included). Cost movies^2 x
+    dimensions: the small-catalog mode, and the yardstick for the approximation.
+    """
+    dense = _dense(vectors).cache()
+    first = dense.first()
+    if first is None:
+        return _top_k(vectors.sparkSession.createDataFrame([], "movieId int, similar_movieId int, similarity double"), k)
+    model = _dot_model(dense, dense, len(first["features"]), "movieId", "similar_movieId")
+    recs = model.recommendForAllUsers(k + 1)
+    pairs = recs.select("movieId", F.explode("recommendations").alias("r")).select(
+        "movieId", F.col("r.similar_movieId").alias("similar_movieId"), F.col("r.rating").alias("dot"))
+    # float32 products are rounded so equal cosines tie exactly and the tie-break decides.
+    return _top_k(_pairs_frame(pairs).where(F.col("movieId") != F.col("similar_movieId")), k)
+
+
+def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, bucket_cap: int = 256,
+                   seed: int = 42) -> DataFrame:
+    """Approximate top-k by random-hyperplane LSH (SimHash) with banding, exact cosine on candidates.
+
+    Each of `tables` tables hashes a movie to the signs of its projections on `bits` random
+    hyperplanes; two movies at angle theta share a table's code with probability
+    (1 - theta/pi)^bits, so close pairs collide in some table and distant ones rarely. (MLlib's
+    own LSH uses one projection per table, which cannot separate unit vectors in high
+    dimensions.) Movies sharing a code are candidates; a crowded bucket (many identical vectors)
+    is cut into sub-buckets of about `bucket_cap` so candidates stay linear in the catalog.
+    Projections and candidate cosines are factor dot products in the JVM (see _dot_model).
+    """
+    import numpy as np
+
+    spark = vectors.sparkSession
+    dense = _dense(vectors).cache()
+    first = dense.first()
+    if first is None:
+        return _top_k(spark.createDataFrame([], "movieId int, similar_movieId int, similarity double"), k)
+    dim = len(first["features"])
+    # bits x tables hyperplanes: a few hundred rows of config-sized data, not data-sized.
+    planes = np.random.default_rng(seed).standard_normal((bits * tables, dim)).astype("float32")
+    planes_df = spark.createDataFrame([(j, row.tolist()) for j, row in enumerate(planes)], "id int, features array<float>")
+    proj = _dot_model(dense, planes_df, dim, "movieId", "plane")
+    grid = dense.select(F.col("id").alias("movieId")).crossJoin(planes_df.select(F.col("id").alias("plane")))
+    codes = (proj.transform(grid)
+             .select("movieId", (F.col("plane") / bits).cast("int").alias("t"),
+                     F.when(F.col("dot") > 0, F.pow(F.lit(2), F.col("plane") % bits).cast("long")).otherwise(0).alias("bit"))
+             .groupBy("movieId", "t").agg(F.sum("bit").alias("code")))
+    size = F.count(F.lit(1)).over(Window.partitionBy("t", "code"))
+    buckets = codes.withColumn(
+        "sub", F.pmod(F.xxhash64("movieId", "t", F.lit(seed)), F.greatest(F.ceil(size / bucket_cap), F.lit(1)))
+    ).cache()
+    a, b = buckets.alias("a"), buckets.alias("b")
+    cands = (a.join(b, [F.col("a.t") == F.col("b.t"), F.col("a.code") == F.col("b.code"),
+                        F.col("a.sub") == F.col("b.sub"), F.col("a.movieId") < F.col("b.movieId")], "inner")
+             .select(F.col("a.movieId").alias("movieId"), F.col("b.movieId").alias("similar_movieId"))
+             .distinct())
+    # Score candidates on sparse vectors: a pair carries a few (index, value) entries, not two
+    # dense rows of the full width.
+    sparse = dense.select(F.col("id").alias("movieId"), F.map_from_entries(F.filter(
+        F.arrays_zip(F.sequence(F.lit(0), F.size("features") - 1).alias("i"), F.col("features").alias("x")),
+        lambda e: e["x"] != 0)).alias("sv")).cache()
+    sa, sb = sparse.alias("sa"), sparse.alias("sb")
+    scored = (cands.join(sa, cands.movieId == F.col("sa.movieId")).join(sb, cands.similar_movieId == F.col("sb.movieId"))
+              .select(cands.movieId, cands.similar_movieId, F.aggregate(
+                  F.map_entries(F.col("sa.sv")), F.lit(0.0).cast("double"),
+                  lambda acc, e: acc + e["value"] * F.coalesce(F.element_at(F.col("sb.sv"), e["key"]), F.lit(0.0))
+              ).alias("dot")))
+    both = _pairs_frame(scored)
+    both = both.unionByName(both.select(F.col("similar_movieId").alias("movieId"),
+                                        F.col("movieId").alias("similar_movieId"), "similarity"))
+    return _top_k(both, k)
+
+
+def neighbour_recall(approx: DataFrame, exact: DataFrame, k: int) -> float:
+    """Mean over movies of |approx top-k that are as similar as the exact k-th| / |exact top-k|.
+
+    Tie-aware: with many equal cosines any of the tied movies is a correct k-th neighbour.
+    """
+    kth = exact.groupBy("movieId").agg(F.min("similarity").alias("kth"), F.count(F.lit(1)).alias("n"))
+    hits = (approx.join(kth, "movieId", "inner").where(F.col("similarity") >= F.col("kth") - 1e-9)
+            .groupBy("movieId").agg(F.count(F.lit(1)).alias("h")))
+    r = kth.join(hits, "movieId", "left").select(
+        (F.least(F.coalesce("h", F.lit(0)), F.col("n")) / F.col("n")).alias("r")).agg(F.avg("r")).first()[0]
+    return float(r) if r is not None else float("nan")

@@ -1,0 +1,84 @@
+"""Content similarity: hand-computed cosines, the LSH path, real data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pyspark.sql import functions as F
+
+from movierec_spark.config import ContentConfig
+from movierec_spark.content import exact_neighbours, lsh_neighbours, movie_vectors, neighbour_recall
+
+MOVIES = "movieId int, title string, year int, genres array<string>"
+TAGS = "userId int, movieId int, tag string, tagged_at timestamp"
+
+
+def vectors(spark, movies, tags=None, **cfg):
+    m = spark.createDataFrame(movies, MOVIES)
+    t = spark.createDataFrame(tags, TAGS) if tags is not None else None
+    return movie_vectors(m, t, None, ContentConfig(**cfg))
+
+
+def test_toy_catalog_cosines_match_hand_computation(spark):
+    # Genres only (year and tags off): A=(1,1,0)/sqrt2, B=(1,0,0), C=(0,1,1)/sqrt2, D=(0,0,1).
+    movies = [(1, "A", None, ["Action", "Comedy"]), (2, "B", None, ["Action"]),
+              (3, "C", None, ["Comedy", "Drama"]), (4, "D", None, ["Drama"]),
+              (5, "Nothing", None, [])]
+    v = vectors(spark, movies, year_weight=0.0, tag_weight=0.0)
+    got = {(r.movieId, r.similar_movieId): (r.rank, r.similarity) for r in exact_neighbours(v, 3).collect()}
+    s = 1 / math.sqrt(2)
+    assert got[(1, 2)] == (1, pytest.approx(s, abs=1e-6))
+    assert got[(1, 3)] == (2, pytest.approx(0.5, abs=1e-6))
+    assert got[(3, 4)] == (1, pytest.approx(s, abs=1e-6))
+    assert got[(3, 1)] == (2, pytest.approx(0.5, abs=1e-6))
+    assert (1, 4) not in got and (2, 4) not in got  # cosine 0: not neighbours
+    # The movie with no attributes: a zero vector, no NaN, no neighbours, in nobody's list.
+    row = v.where("movieId = 5").first()
+    assert not row.has_content and all(x == 0 for x in row.features.toArray())
+    assert all(5 not in pair for pair in got)
+
+
+def test_tags_are_normalised_and_weighted_by_idf(spark):
+    movies = [(1, "A", 1995, ["Drama"]), (2, "B", 1995, ["Drama"]), (3, "C", 1995, ["Drama"])]
+    tags = [(1, 1, "Pixar ", None), (2, 2, "pixar", None), (3, 1, "funny", None), (3, 3, "funny", None),
+            (4, 2, "  PIXAR", None)]
+    v = vectors(spark, movies, tags)
+    nb = {(r.movieId, r.similar_movieId): r.similarity for r in exact_neighbours(v, 2).collect()}
+    # 1 and 2 share 'pixar' (normalised), 1 and 3 share 'funny'; genres and decade are equal
+    # for all, so the tag block decides the order.
+    assert nb[(2, 1)] > nb[(2, 3)]
+    assert all(not math.isnan(x) for x in nb.values())
+
+
+def test_lsh_finds_exact_top_k_on_clustered_catalog(spark):
+    """Two tight clusters: the true neighbours are near-duplicates, so banded LSH must find them."""
+    genres = [["Action", "Thriller", "Crime"], ["Animation", "Children", "Comedy"]]
+    movies = [(i, f"m{i}", 1990 + (i % 3), genres[i % 2]) for i in range(1, 41)]
+    v = vectors(spark, movies, tag_weight=0.0).cache()
+    exact = exact_neighbours(v, 5).cache()
+    approx = lsh_neighbours(v, 5, bits=6, tables=8, seed=7)
+    assert neighbour_recall(approx, exact, 5) == 1.0
+    assert approx.where(F.col("movieId") == F.col("similar_movieId")).count() == 0
+    # Same cosines for the pairs both found.
+    j = approx.alias("a").join(exact.alias("e"), ["movieId", "similar_movieId"])
+    assert j.where(F.abs(F.col("a.similarity") - F.col("e.similarity")) > 1e-6).count() == 0
+
+
+def test_toy_story_neighbours_on_ml_latest_small(spark, tmp_path, ml_small):
+    from movierec_spark import tables
+    from movierec_spark.pipeline import run_pipeline
+
+    from .conftest import make_config
+
+    cfg = make_config(tmp_path / "wh", content__k=10)
+    run_pipeline(spark, cfg, str(ml_small), stages=["ingest", "content"], run_id="c")
+    sims = tables.read_table(spark, cfg.paths.warehouse, "similar_movies")
+    toy = [r.similar_movieId for r in sims.where("movieId = 1").orderBy("rank").collect()]
+    assert len(toy) == 10 and 1 not in toy
+    assert 3114 in toy  # Toy Story 2 (1999)
+    assert sims.where(F.isnan("similarity") | (F.col("similarity") > 1.000001)).count() == 0
+    # Ranks are 1..n without gaps and similarities never increase with rank.
+    bad = sims.alias("a").join(sims.alias("b"), (F.col("a.movieId") == F.col("b.movieId"))
+                               & (F.col("b.rank") == F.col("a.rank") + 1)).where("b.similarity > a.similarity")
+    assert bad.count() == 0
