@@ -11,7 +11,6 @@ Implicit ALS (implicitPrefs) ranks: trained on confidence derived from ratings, 
 from __future__ import annotations
 
 import logging
-import math
 
 from pyspark.ml.evaluation import RegressionEvaluator
 from pyspark.ml.recommendation import ALS, ALSModel
@@ -71,10 +70,10 @@ def fit_explicit(train: DataFrame, bias: BiasModel | None, cfg: AlsConfig, seed:
 
 
 def predict_explicit(model: ALSModel, bias: BiasModel | None, pairs: DataFrame, residual: bool,
-                     lo: float = 0.5, hi: float = 5.0) -> tuple[DataFrame, DataFrame]:
-    """Predict every pair: (predictions with `prediction` and `fallback`, the same cached).
-
-    Pairs ALS cannot score (unknown user or movie) fall back to the bias baseline.
+                     lo: float = 0.5, hi: float = 5.0) -> DataFrame:
+    """Predict every pair: the pairs' columns plus `prediction` (clipped to the scale) and
+    `fallback` (true where ALS could not score the pair: unknown user or movie, so the bias
+    baseline alone was used).
     """
     scored = model.transform(pairs)
     if residual:

@@ -141,7 +141,7 @@ class ContentConfig:
     # A tag must be used on at least this many movies to become a feature.
     min_tag_movies: int = 1
     k: int = 20
-    # exact (inverted index; small catalogs), lsh (scalable), or auto (exact up to exact_max_movies).
+    # exact (every pair via MLlib's blocked product; small catalogs), lsh, or auto (exact up to exact_max_movies).
     method: str = "auto"
     exact_max_movies: int = 20000
     # SimHash banding: bits per table (higher = tighter buckets), tables (more = higher recall),

@@ -16,7 +16,6 @@ from functools import reduce
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from .layouts import ML100K_ITEM_FIXED, FileSpec, Layout
 from .tables import TABLE_SCHEMAS

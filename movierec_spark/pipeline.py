@@ -13,11 +13,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from . import tables
 from .config import Config
