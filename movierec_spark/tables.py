@@ -58,6 +58,12 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                        ("value", D, True), ("split", S, False)),
     "top_n": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("rank", I, False),
                      ("movieId", I, False), ("score", D, True)),
+    # Final lists: source says which model brought the movie in; because_movieId is the watched
+    # movie behind a content-sourced pick (null otherwise).
+    "recommendations": _schema(("run_id", S, False), ("userId", I, False), ("rank", I, False),
+                               ("movieId", I, False), ("score", D, True), ("source", S, False),
+                               ("because_movieId", I, True)),
+    "feature_importances": _schema(("run_id", S, False), ("feature", S, False), ("importance", D, False)),
 }
 
 TABLE_KEYS: dict[str, list[str]] = {
@@ -88,6 +94,8 @@ TABLE_COMMENTS = {
     "similar_movies": "Top-K content neighbours per movie by cosine of genre/tag/genome/year vectors",
     "metrics": "Evaluation metrics per run, model, metric and k",
     "top_n": "Evaluation top-N lists per run and ranking model (train movies excluded)",
+    "recommendations": "Final top-N per user and run, ranked by the hybrid model; rows of one run replaced together",
+    "feature_importances": "GBT feature importances of the hybrid model per run",
 }
 
 PROPERTIES = {
