@@ -101,7 +101,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="resolve and cache Delta's jars (needs Maven Central once)")
     p.add_argument("--config")
     p.add_argument("-v", "--verbose", action="store_true")
+
+    _add_query_parsers(sub)
     return ap
+
+
+def _add_query_parsers(sub) -> None:
+    """`query` and `report`: read the output tables with delta-rs, no Spark and no JVM."""
+    q = sub.add_parser("query", help="answer from the output tables without a JVM (recs, similar, metrics, runs)")
+    qs = q.add_subparsers(dest="query", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--warehouse", default="warehouse", help="Delta warehouse directory (default: warehouse)")
+        p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+        p.add_argument("-v", "--verbose", action="store_true")
+
+    p = qs.add_parser("recs", help="a user's recommendations with titles (latest succeeded run by default)")
+    common(p)
+    p.add_argument("--user", type=int, required=True, help="userId")
+    p.add_argument("--run", help="run_id (default: the latest succeeded run with recommendations)")
+    p.add_argument("--as-of", metavar="VERSION|TIMESTAMP",
+                   help="time travel: a Delta version of the recommendations table or an ISO timestamp")
+    p.add_argument("-n", type=int, help="only the top N")
+
+    p = qs.add_parser("similar", help="content neighbours of a movie, by title (forgiving) or id")
+    common(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--title", help="title text: case, punctuation, articles and the year do not matter")
+    g.add_argument("--movie", type=int, help="movieId")
+    p.add_argument("-n", "-k", dest="k", type=int, default=10, help="how many neighbours (default 10)")
+
+    p = qs.add_parser("metrics", help="model comparison: one row per model, one column per metric")
+    common(p)
+    p.add_argument("--run", help="run_id (default: the latest run with metrics)")
+    p.add_argument("-k", help="ranking metrics at this k (default 10; 'all' for every k)")
+    p.add_argument("--split", help="evaluation split (default: test)")
+
+    p = qs.add_parser("runs", help="every run: status, start, duration, seconds per stage")
+    common(p)
+
+    p = sub.add_parser("report", help="write an offline HTML report with plots (no JVM)")
+    p.add_argument("--warehouse", default="warehouse", help="Delta warehouse directory (default: warehouse)")
+    p.add_argument("--out", required=True, help="directory for index.html and the PNG plots")
+    p.add_argument("--run", help="run_id (default: the latest run with metrics)")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def default_input(cfg: Config) -> str:
@@ -173,9 +216,65 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0 if jars else EXIT_FAILED
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from . import query as q
+
+    if args.query == "recs":
+        result = q.recs(args.warehouse, args.user, run=args.run, as_of=args.as_of, n=args.n)
+    elif args.query == "similar":
+        result = q.similar(args.warehouse, title=args.title, movie=args.movie, k=args.k)
+    elif args.query == "metrics":
+        result = q.metrics(args.warehouse, run=args.run, k=args.k, split=args.split)
+    else:
+        result = q.runs(args.warehouse)
+    out, err = q.render(result, args.format)
+    sys.stderr.write(err)
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    info = write_report(args.warehouse, args.out, run=args.run)
+    print(f"wrote {info['path']} ({info['bytes'] / 1024:.0f} KB, {info['plots']} plots, "
+          f"{info['notes']} notes, {info['seconds']:.1f} s)")
+    return 0
+
+
+def _main_jvm_free(args: argparse.Namespace) -> int:
+    """query and report: pyarrow and delta-rs only, so none of the Spark modules is imported."""
+    from deltalake.exceptions import DeltaError
+
+    from .query import QueryError
+
+    try:
+        return cmd_query(args) if args.command == "query" else cmd_report(args)
+    except QueryError as e:
+        print(f"movierec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        # `movierec query ... | head`: the reader left; nothing to report, and nothing to flush
+        # into the closed pipe at exit either.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (DeltaError, OSError, ValueError) as e:
+        # Unreadable table files and the like: one line, no traceback.
+        print(f"movierec: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("movierec: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    if args.command in ("query", "report"):
+        return _main_jvm_free(args)
     from .download import DownloadError
     from .ingest import IngestError
     from .layouts import LayoutError

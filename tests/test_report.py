@@ -1,0 +1,84 @@
+"""`movierec report` on small delta-rs warehouses: no Spark, no JVM."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from movierec_spark import cli, report
+from tests.test_query import build_warehouse
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ["model_comparison", "ranking_at_k", "feature_importances", "rating_distribution", "stage_seconds"]
+
+
+def embedded_images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_renders_every_plot_as_valid_png_embedded_and_beside(tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    wh = build_warehouse(tmp_path)
+    out = tmp_path / "report"
+    code = cli.main(["report", "--warehouse", str(wh), "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert str(out / "index.html") in printed and "5 plots" in printed and " KB" in printed
+
+    page = (out / "index.html").read_text(encoding="utf-8")
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == sorted(f"{p}.png" for p in PLOTS)
+    images = embedded_images(page)
+    assert len(images) == len(PLOTS)
+    for name in PLOTS:
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        assert f'href="{name}.png"' in page  # the page references the file beside it
+        assert data in images  # ... and embeds the very same image
+        img = mpimg.imread(out / f"{name}.png")
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
+    # Self-contained: nothing fetched from anywhere.
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert re.search(r"<link[^>]+stylesheet", page) is None
+    # The default run is the latest succeeded run with metrics; its comparison table is on the page.
+    assert "Metrics of run run-a" in page and "0.8700" in page  # als rmse
+
+
+def test_report_missing_tables_become_notes(tmp_path, capsys):
+    from tests.test_query import write_table
+
+    wh = tmp_path / "warehouse"
+    write_table(wh, "ratings", [])
+    out = tmp_path / "r"
+    info = report.write_report(str(wh), str(out))
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert info["plots"] == 0 and info["notes"] == 5
+    assert "no metrics table" in page and "no feature_importances table" in page
+    assert "the ratings table is empty" in page and "no runs table" in page
+    assert list(out.glob("*.png")) == []
+
+
+def test_report_explicit_run_and_errors(tmp_path, capsys):
+    wh = build_warehouse(tmp_path)
+    info = report.write_report(str(wh), str(tmp_path / "b"), run="run-b")
+    page = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
+    assert info["run_id"] == "run-b" and "Metrics of run run-b" in page and "0.9700" in page
+    # run-b has no feature importances: the latest run that has them is plotted, and said so.
+    assert "run run-b has none" in page
+
+    code = cli.main(["report", "--warehouse", str(wh), "--out", str(tmp_path / "c"), "--run", "nope"])
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED and "no run 'nope' in metrics" in err and "Traceback" not in err
+    code = cli.main(["report", "--warehouse", str(tmp_path / "none"), "--out", str(tmp_path / "d")])
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE and "does not exist" in err
+
+
+def test_report_out_must_be_a_directory(tmp_path, capsys):
+    wh = build_warehouse(tmp_path)
+    target = tmp_path / "file"
+    target.write_text("x")
+    code = cli.main(["report", "--warehouse", str(wh), "--out", str(target)])
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE and "is a file" in err
