@@ -2,8 +2,9 @@
 
     python benchmarks/cf_benchmark.py [--input ../shared/datasets/ml-latest-small] [--tune]
 
-1. random 80/20 (seed 42): RMSE / MAE of global_mean, bias_baseline, als;
-2. per-user stratified 75/25: precision / recall / ndcg / map @10 of popularity, als, als_implicit;
+1. random 80/20 (seed 42): RMSE / MAE of global_mean, bias_baseline, als, content;
+2. per-user stratified 75/25: precision / recall / ndcg / map / coverage / diversity @10 of
+   popularity, als, als_implicit, content;
 3. the als stage's wall time against a plain ALS.fit + recommendForAllUsers with the same
    parameters, in the same Spark session, as a ratio.
 """
@@ -60,15 +61,15 @@ def main() -> int:
     run_pipeline(spark, cfg, args.input, stages=["ingest"], run_id="ingest")
 
     print(f"\n## Random 80/20, seed {cfg.pipeline.seed}: rating prediction on {args.input}")
-    ctx = run_pipeline(spark, cfg, args.input, stages=["split", "baselines", "als", "als_implicit", "evaluate"], run_id="random")
-    metric_table(spark, cfg.paths.warehouse, "random", ["global_mean", "bias_baseline", "als"], ["rmse", "mae"], None)
+    ctx = run_pipeline(spark, cfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"], run_id="random")
+    metric_table(spark, cfg.paths.warehouse, "random", ["global_mean", "bias_baseline", "als", "content"], ["rmse", "mae"], None)
     print(f"(als fell back to the bias baseline for {ctx.results['als']['fallbacks']} test pairs)")
 
     scfg = load_config(None, {**base, "split.method": "stratified", "split.test_ratio": 0.25})
     print("\n## Per-user stratified 75/25: top-10 ranking (all held-out movies relevant)")
-    ctx = run_pipeline(spark, scfg, args.input, stages=["split", "baselines", "als", "als_implicit", "evaluate"], run_id="stratified")
-    metric_table(spark, cfg.paths.warehouse, "stratified", ["popularity", "als", "als_implicit"],
-                 ["precision", "recall", "ndcg", "map"], 10)
+    ctx = run_pipeline(spark, scfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"], run_id="stratified")
+    metric_table(spark, cfg.paths.warehouse, "stratified", ["popularity", "als", "als_implicit", "content"],
+                 ["precision", "recall", "ndcg", "map", "coverage", "diversity"], 10)
     als_seconds = ctx.stage_seconds["als"]
 
     # Plain Spark ALS example, same parameters and data, same session.

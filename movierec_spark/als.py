@@ -120,6 +120,8 @@ def model_with_item_bias(spark: SparkSession, model: ALSModel, bias: BiasModel) 
     uf = model.userFactors.select("id", F.concat("features", F.array(F.lit(1.0).cast("float"))).alias("features"))
     itf = (model.itemFactors.join(bias.item_bias.select(F.col("movieId").alias("id"), "b_i"), "id", "left")
            .select("id", F.concat("features", F.array(F.coalesce("b_i", F.lit(0.0)).cast("float"))).alias("features")))
+    # Cached: every recommend pass reads them, and rebuilding means re-joining the biases.
+    uf, itf = uf.cache(), itf.cache()
     jvm = spark.sparkContext._jvm
     jmodel = jvm.org.apache.spark.ml.recommendation.ALSModel(model.uid + "_biased", model.rank + 1, uf._jdf, itf._jdf)
     # Params live on the JVM object; set them there (recommendForUserSubset reads them there).
@@ -129,45 +131,73 @@ def model_with_item_bias(spark: SparkSession, model: ALSModel, bias: BiasModel) 
     return out
 
 
-# Below this many candidate rows, one recommendForAllUsers pass beats several bucketed ones.
-SINGLE_PASS_MAX_ROWS = 5_000_000
+# Second-pass users x movies below which scoring them against the whole catalog in one
+# DataFrame job beats a recommendForUserSubset job per bucket.
+DIRECT_MAX_PAIRS = 2_000_000
+
+# Candidates asked of every user in the first pass, beyond n: enough that most users' top-n
+# unseen movies are already there (explicit ALS scatters seen movies; implicit ALS ranks them
+# high, which sends heavy raters to the second pass).
+FIRST_PASS_EXTRA = 40
 
 
-def recommend_unseen(model: ALSModel, train: DataFrame, n: int) -> DataFrame:
-    """Top-n movies per train user by the model's score, excluding movies rated in train.
+def _candidates(recs: DataFrame) -> DataFrame:
+    return recs.select("userId", F.explode("recommendations").alias("rec")).select(
+        "userId", F.col("rec.movieId").alias("movieId"), F.col("rec.rating").alias("s"))
+
+
+def _score_all(model: ALSModel, users: DataFrame) -> DataFrame:
+    """userId, movieId, s = u.v for the given users and every movie (a small users x catalog product)."""
+    uf = model.userFactors.join(users.select(F.col("userId").alias("id")), "id").select(
+        F.col("id").alias("userId"), F.col("features").alias("u"))
+    itf = model.itemFactors.select(F.col("id").alias("movieId"), F.col("features").alias("v"))
+    dot = F.aggregate(F.zip_with("u", "v", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+    return uf.crossJoin(F.broadcast(itf)).select("userId", "movieId", dot.alias("s"))
+
+
+def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIRST_PASS_EXTRA) -> DataFrame:
+    """Top-n movies per train user by the model's score, excluding movies rated in train. Exact.
 
     recommendForAllUsers(n) would return seen movies, and asking everyone for n + max(seen)
-    costs users x max(seen). Instead users are grouped by how many movies they rated (powers of
-    four, at least 64) and each group asks for n + its bound, so the candidate rows total at most
-    about n * users + 4 * ratings + 64 * users: linear in the data.
+    costs users x max(seen). So: one pass asks everyone for n + extra; a user is done when at
+    least n of those are unseen (nothing unseen can rank above the candidates it was given) or
+    when n + extra already covers n + everything they rated. The rest (heavy raters whose seen
+    movies crowd the top) are scored against the whole catalog when they are few, else asked
+    again grouped by how many movies they rated (powers of four), each group for n + its
+    bound: at most 4x what each user needs, linear in the data.
     """
     seen = train.select("userId", "movieId")
     counts = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
-    stats = counts.agg(F.count(F.lit(1)).alias("users"), F.max("n_u").alias("most")).first()
-    if stats.users and stats.users * (n + stats.most) <= SINGLE_PASS_MAX_ROWS:
-        # Small enough to ask everyone for n + the largest history in one job.
-        recs = model.recommendForAllUsers(n + stats.most)
-        cands = recs.select("userId", F.explode("recommendations").alias("rec")).select(
-            "userId", F.col("rec.movieId").alias("movieId"), F.col("rec.rating").alias("s"))
-        unseen = cands.join(seen, on=["userId", "movieId"], how="left_anti")
-        return top_n_per_user(unseen, n, score=F.col("s").cast("double"))
-    # Buckets of powers of 4 from 64 up: few jobs, and no user asks for more than 4x its need.
-    exp = F.greatest(F.ceil(F.log2(F.greatest(F.col("n_u"), F.lit(1))) / 2), F.lit(3)).cast("int")
-    bucketed = counts.withColumn("b", exp).cache()
-    buckets = sorted(r.b for r in bucketed.select("b").distinct().collect())  # <= ~10 values
-    parts = []
-    for b in buckets:
-        users = bucketed.where(F.col("b") == b).select("userId")
-        k = n + (1 << (2 * b))
-        recs = model.recommendForUserSubset(users, k)
-        parts.append(recs.select("userId", F.posexplode("recommendations").alias("pos", "rec"))
-                     .select("userId", F.col("rec.movieId").alias("movieId"), F.col("rec.rating").alias("s")))
+    k1 = n + extra
+    first = _candidates(model.recommendForAllUsers(k1)).join(seen, ["userId", "movieId"], "left_anti").cache()
+    got = first.groupBy("userId").agg(F.count(F.lit(1)).alias("got"))
+    rest = (counts.join(got, "userId", "left")
+            .where((F.coalesce("got", F.lit(0)) < n) & (F.col("n_u") + n > k1))
+            .withColumn("b", F.greatest(F.ceil(F.log2(F.col("n_u")) / 2), F.lit(3)).cast("int"))
+            .select("userId", "n_u", "b").cache())
+    groups = rest.groupBy("b").agg(F.count(F.lit(1)).alias("users")).collect()
+    users = sum(g.users for g in groups)
+    parts = [first.join(rest, "userId", "left_anti")]
+    n_items = model.itemFactors.count() if users else 0
+    if users and users * n_items <= DIRECT_MAX_PAIRS:
+        # A few heavy raters: score them against every movie directly, one small job.
+        parts.append(_score_all(model, rest.select("userId")).join(seen, ["userId", "movieId"], "left_anti"))
+        passes = "direct scoring"
+    else:
+        passes = f"{len(groups)} bucketed pass(es)"
+        for g in sorted(groups, key=lambda g: g.b):
+            recs = model.recommendForUserSubset(rest.where(F.col("b") == g.b).select("userId"), n + (1 << (2 * g.b)))
+            parts.append(_candidates(recs).join(seen, ["userId", "movieId"], "left_anti"))
+    log.info("top-%d: %d users need more than %d candidates: %s", n, users, k1, passes if users else "none")
     cands = parts[0]
     for p in parts[1:]:
         cands = cands.unionByName(p)
-    unseen = cands.join(seen, on=["userId", "movieId"], how="left_anti")
-    out = top_n_per_user(unseen, n, score=F.col("s").cast("double"))
-    bucketed.unpersist()
+    # Materialised (users x n rows, small) so the intermediate caches can go now; the caller
+    # unpersists the result after writing it.
+    out = top_n_per_user(cands, n, score=F.col("s").cast("double")).cache()
+    out.count()
+    first.unpersist()
+    rest.unpersist()
     return out
 
 

@@ -25,6 +25,10 @@ class BiasModel:
     lo: float = 0.5
     hi: float = 5.0
 
+    def unpersist(self) -> None:
+        self.user_bias.unpersist()
+        self.item_bias.unpersist()
+
     def predict(self, pairs: DataFrame) -> DataFrame:
         """Add `baseline` = mu + b_u + b_i (unknown user or movie: its bias is 0), clipped."""
         raw = (F.lit(self.mu) + F.coalesce(F.col("b_u"), F.lit(0.0)) + F.coalesce(F.col("b_i"), F.lit(0.0)))

@@ -47,6 +47,22 @@ class RunContext:
     warehouse: str
     results: dict[str, dict] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # In-run memo of what several stages derive from the same tables (the split's cached train
+    # and test frames, the bias model): later stages reuse it instead of recomputing it.
+    shared: dict[str, object] = field(default_factory=dict)
+
+    def memo(self, key: str, build: Callable[[], object]):
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
+
+    def release(self) -> None:
+        """Drop the memo and unpersist what it cached (a stage that rewrites its sources calls this)."""
+        for value in self.shared.values():
+            for obj in value if isinstance(value, tuple) else (value,):
+                if hasattr(obj, "unpersist"):
+                    obj.unpersist()
+        self.shared.clear()
 
 
 def new_run_id() -> str:
@@ -101,6 +117,8 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
         except Exception:  # the original error matters more than the bookkeeping one
             log.exception("could not record the failed run %s", ctx.run_id)
         raise
+    finally:
+        ctx.release()
     _record_run(spark, ctx, started, "succeeded")
     total = sum(ctx.stage_seconds.values())
     log.info("run %s succeeded in %.1f s (%s)", ctx.run_id, total,

@@ -94,15 +94,27 @@ def ingest_stage(ctx: RunContext) -> dict:
 
 
 def _split_frames(ctx: RunContext):
-    splits = tables.read_table(ctx.spark, ctx.warehouse, "rating_splits")
-    train = splits.where(F.col("split") == "train").select("userId", "movieId", "rating").cache()
-    test = splits.where(F.col("split") == "test").select("userId", "movieId", "rating").cache()
-    return train, test
+    """(train, test) as cached (userId, movieId, rating) frames, shared by the run's stages."""
+    def build():
+        splits = tables.read_table(ctx.spark, ctx.warehouse, "rating_splits")
+        train = splits.where(F.col("split") == "train").select("userId", "movieId", "rating").cache()
+        test = splits.where(F.col("split") == "test").select("userId", "movieId", "rating").cache()
+        return train, test
+    return ctx.memo("splits", build)
+
+
+def _bias(ctx: RunContext, train):
+    """The bias baseline of this run's split, fitted once per run."""
+    from .baselines import fit_bias
+
+    return ctx.memo("bias", lambda: fit_bias(train, ctx.cfg.baseline, *_scale(ctx)))
 
 
 def _scale(ctx: RunContext) -> tuple[float, float]:
-    row = tables.read_table(ctx.spark, ctx.warehouse, "ratings").agg(F.min("rating"), F.max("rating")).first()
-    return float(row[0]), float(row[1])
+    def build():
+        row = tables.read_table(ctx.spark, ctx.warehouse, "ratings").agg(F.min("rating"), F.max("rating")).first()
+        return float(row[0]), float(row[1])
+    return ctx.memo("scale", build)
 
 
 def _write_predictions(ctx: RunContext, model: str, preds) -> None:
@@ -112,7 +124,9 @@ def _write_predictions(ctx: RunContext, model: str, preds) -> None:
 
 
 def _write_top_n(ctx: RunContext, model: str, recs) -> None:
-    top = recs.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"), "userId", "rank", "movieId", "score")
+    because = F.col("because_movieId") if "because_movieId" in recs.columns else F.lit(None).cast("int")
+    top = recs.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"), "userId", "rank", "movieId",
+                      "score", because.alias("because_movieId"))
     tables.replace_where(ctx.spark, top, ctx.warehouse, "top_n", {"run_id": ctx.run_id, "model": model})
 
 
@@ -146,6 +160,7 @@ def predefined_split(ctx: RunContext):
 def split_stage(ctx: RunContext) -> dict:
     from .splits import split_ratings
 
+    ctx.release()  # frames derived from an earlier split are stale from here on
     if ctx.cfg.split.train_file:
         return {"method": "predefined", **predefined_split(ctx)}
     ratings = tables.read_table(ctx.spark, ctx.warehouse, "ratings")
@@ -157,13 +172,12 @@ def split_stage(ctx: RunContext) -> dict:
 
 @stage("baselines")
 def baselines_stage(ctx: RunContext) -> dict:
-    from .baselines import fit_bias, global_mean, popularity_top_n
+    from .baselines import global_mean, popularity_top_n
 
     train, test = _split_frames(ctx)
-    lo, hi = _scale(ctx)
     mu = global_mean(train)
     _write_predictions(ctx, "global_mean", test.withColumn("prediction", F.lit(mu)))
-    bias = fit_bias(train, ctx.cfg.baseline, lo, hi)
+    bias = _bias(ctx, train)
     _write_predictions(ctx, "bias_baseline", bias.predict(test).withColumnRenamed("baseline", "prediction"))
     _write_top_n(ctx, "popularity", popularity_top_n(train, max(ctx.cfg.evaluation.ks)))
     return {"global_mean": round(mu, 4)}
@@ -175,7 +189,6 @@ def als_stage(ctx: RunContext) -> dict:
     import time
 
     from .als import factors_frame, fit_explicit, model_with_item_bias, predict_explicit, recommend_unseen
-    from .baselines import fit_bias
 
     cfg, spark = ctx.cfg, ctx.spark
     train, test = _split_frames(ctx)
@@ -188,13 +201,14 @@ def als_stage(ctx: RunContext) -> dict:
         out[f"{name}_s"] = round(now - t, 2)
         t = now
 
-    bias = fit_bias(train, cfg.baseline, lo, hi) if cfg.als.residual else None
+    bias = _bias(ctx, train) if cfg.als.residual else None
     model = fit_explicit(train, bias, cfg.als, cfg.pipeline.seed)
     lap("fit")
     preds = predict_explicit(model, bias, test, cfg.als.residual, lo, hi).cache()
-    out["fallbacks"] = preds.where("fallback").count()
+    n_pairs, n_fallback = preds.agg(F.count(F.lit(1)), F.sum(F.col("fallback").cast("int"))).first()
+    out["fallbacks"] = int(n_fallback or 0)
     log.info("als: %d of %d test pairs had a user or movie ALS never saw: bias baseline used",
-             out["fallbacks"], preds.count())
+             out["fallbacks"], n_pairs)
     _write_predictions(ctx, "als", preds)
     preds.unpersist()
     lap("predict")
@@ -202,7 +216,9 @@ def als_stage(ctx: RunContext) -> dict:
     tables.overwrite(spark, factors_frame(model, "item"), ctx.warehouse, "als_item_factors")
     lap("factors")
     ranker = model_with_item_bias(spark, model, bias) if cfg.als.residual else model
-    _write_top_n(ctx, "als", recommend_unseen(ranker, train, max(cfg.evaluation.ks)))
+    recs = recommend_unseen(ranker, train, max(cfg.evaluation.ks))
+    _write_top_n(ctx, "als", recs)
+    recs.unpersist()
     lap("top_n")
     return out
 
@@ -214,7 +230,9 @@ def als_implicit_stage(ctx: RunContext) -> dict:
 
     train, _ = _split_frames(ctx)
     model = fit_implicit(train, ctx.cfg.als_implicit, ctx.cfg.pipeline.seed)
-    _write_top_n(ctx, "als_implicit", recommend_unseen(model, train, max(ctx.cfg.evaluation.ks)))
+    recs = recommend_unseen(model, train, max(ctx.cfg.evaluation.ks))
+    _write_top_n(ctx, "als_implicit", recs)
+    recs.unpersist()
     return {"rank": ctx.cfg.als_implicit.rank}
 
 
@@ -233,11 +251,14 @@ def evaluate_stage(ctx: RunContext) -> dict:
         train, test = _split_frames(ctx)
         n_items = tables.read_table(spark, wh, "movies").count()
         top = tables.read_table(spark, wh, "top_n").where(F.col("run_id") == run)
+        # Intra-list diversity by content similarity once similar_movies exists (pairs beyond
+        # each movie's top-K count as dissimilar); by train co-occurrence before that.
+        sims = _optional(ctx, "similar_movies")
         for model in sorted(r.model for r in top.select("model").distinct().collect()):
             recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
             rows_by_model.setdefault(model, []).extend(evaluate_ranking_model(
                 recs, test, train, n_items, ks=tuple(ctx.cfg.evaluation.ks),
-                relevance_threshold=ctx.cfg.evaluation.relevance_threshold))
+                relevance_threshold=ctx.cfg.evaluation.relevance_threshold, similarity=sims))
             recs.unpersist()
     frames = [metrics_frame(spark, run, m, "test", rows) for m, rows in rows_by_model.items()]
     if not frames:
@@ -257,13 +278,13 @@ def evaluate_stage(ctx: RunContext) -> dict:
 
 @stage("content")
 def content_stage(ctx: RunContext) -> dict:
-    """Movie attribute vectors and their top-K cosine neighbours into `similar_movies`."""
-    from .content import exact_neighbours, lsh_neighbours, movie_vectors
+    """Movie attribute vectors and their top-K cosine neighbours into `similar_movies`; with a
+    split, the content user model too (predictions and top-N lists as model 'content')."""
+    from .content import content_predict, content_top_n, exact_neighbours, lsh_neighbours, movie_vectors
 
     spark, wh, c = ctx.spark, ctx.warehouse, ctx.cfg.content
     movies = tables.read_table(spark, wh, "movies")
-    opt = lambda name: tables.read_table(spark, wh, name) if tables.table_exists(spark, tables.table_path(wh, name)) else None  # noqa: E731
-    vectors = movie_vectors(movies, opt("tags"), opt("genome"), c).cache()
+    vectors = movie_vectors(movies, _optional(ctx, "tags"), _optional(ctx, "genome"), c).cache()
     n = vectors.count()
     empty = vectors.where(~F.col("has_content")).count()
     method = c.method if c.method != "auto" else ("exact" if n <= c.exact_max_movies else "lsh")
@@ -274,4 +295,79 @@ def content_stage(ctx: RunContext) -> dict:
     tables.overwrite(spark, sims, wh, "similar_movies")
     vectors.unpersist()
     log.info("content: %d movies (%d without any attribute: no neighbours), %s neighbours", n, empty, method)
-    return {"movies": n, "without_content": empty, "method": method}
+    out = {"movies": n, "without_content": empty, "method": method}
+    if not tables.table_exists(spark, tables.table_path(wh, "rating_splits")):
+        log.info("content: no rating_splits yet, so no content user model (run the split stage first)")
+        return out
+    train, test = _split_frames(ctx)
+    sims = tables.read_table(spark, wh, "similar_movies").cache()
+    preds = content_predict(test, train, sims, _bias(ctx, train), c.predict_shrink, *_scale(ctx)).cache()
+    out["backed_off"] = preds.where(F.col("n_nb") == 0).count()
+    _write_predictions(ctx, "content", preds)
+    preds.unpersist()
+    recs = content_top_n(train, sims, max(ctx.cfg.evaluation.ks), c.user_sources, c.user_neighbours).cache()
+    out["users_with_list"] = recs.select("userId").distinct().count()
+    _write_top_n(ctx, "content", recs)
+    recs.unpersist()
+    sims.unpersist()
+    return out
+
+
+@stage("features")
+def features_stage(ctx: RunContext) -> dict:
+    """Hybrid features: train rows out-of-fold, test rows from the whole train part."""
+    from .features import pair_features
+
+    cfg, spark, wh = ctx.cfg, ctx.spark, ctx.warehouse
+    h, seed = cfg.hybrid, cfg.pipeline.seed
+    if h.folds < 2:
+        raise ValueError(f"hybrid.folds must be >= 2 (got {h.folds}): out-of-fold features need a held-out fold")
+    train, test = _split_frames(ctx)
+    lo, hi = _scale(ctx)
+    movies = tables.read_table(spark, wh, "movies")
+    sims = _optional(ctx, "similar_movies")
+    if sims is None:
+        log.info("features: no similar_movies (content stage not run): content features are filled")
+    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds)).cast("int")
+    folded = train.withColumn("fold", fold)
+    args = (movies, sims, cfg.baseline, cfg.als, cfg.content, h, seed, lo, hi)
+    parts, out = [], {}
+    n_oof = min(h.oof_folds or h.folds, h.folds)
+    for f in range(n_oof):
+        log.info("features: fold %d/%d (train rows of this fold, from the other %d folds)", f + 1, n_oof, h.folds - 1)
+        parts.append(pair_features(folded.where(F.col("fold") != f), folded.where(F.col("fold") == f), *args)
+                     .withColumn("split", F.lit("train")).withColumn("fold", F.lit(f)))
+    log.info("features: test rows, from the whole train part")
+    parts.append(pair_features(train, test, *args).withColumn("split", F.lit("test")).withColumn("fold", F.lit(-1)))
+    df = parts[0]
+    for p in parts[1:]:
+        df = df.unionByName(p)
+    tables.overwrite(spark, df, wh, "features")
+    for p in parts:
+        p.unpersist()
+    counts = {r["split"]: r["count"] for r in tables.read_table(spark, wh, "features").groupBy("split").count().collect()}
+    out.update(counts)
+    return out
+
+
+@stage("hybrid")
+def hybrid_stage(ctx: RunContext) -> dict:
+    """GBTRegressor over the features: predictions (model 'hybrid') and feature_importances."""
+    from .hybrid import fit_hybrid, predict_hybrid
+
+    cfg, spark, wh = ctx.cfg, ctx.spark, ctx.warehouse
+    lo, hi = _scale(ctx)
+    feats = tables.read_table(spark, wh, "features")
+    model, importances = fit_hybrid(feats.where(F.col("split") == "train"), cfg.hybrid, cfg.pipeline.seed)
+    preds = predict_hybrid(model, feats.where(F.col("split") == "test"), lo, hi).select(
+        "userId", "movieId", F.col("label").alias("rating"), "prediction")
+    _write_predictions(ctx, "hybrid", preds)
+    imp = spark.createDataFrame([(ctx.run_id, f, float(v)) for f, v in importances],
+                                tables.TABLE_SCHEMAS["feature_importances"])
+    tables.replace_where(spark, imp, wh, "feature_importances", {"run_id": ctx.run_id})
+    return {"top_features": [f for f, _ in importances[:5]]}
+
+
+def _optional(ctx: RunContext, name: str):
+    wh = ctx.warehouse
+    return tables.read_table(ctx.spark, wh, name) if tables.table_exists(ctx.spark, tables.table_path(wh, name)) else None

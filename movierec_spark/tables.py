@@ -57,7 +57,7 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
     "metrics": _schema(("run_id", S, False), ("model", S, False), ("metric", S, False), ("k", I, True),
                        ("value", D, True), ("split", S, False)),
     "top_n": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("rank", I, False),
-                     ("movieId", I, False), ("score", D, True)),
+                     ("movieId", I, False), ("score", D, True), ("because_movieId", I, True)),
     # Final lists: source says which model brought the movie in; because_movieId is the watched
     # movie behind a content-sourced pick (null otherwise).
     "recommendations": _schema(("run_id", S, False), ("userId", I, False), ("rank", I, False),
@@ -65,6 +65,15 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                                ("because_movieId", I, True)),
     "feature_importances": _schema(("run_id", S, False), ("feature", S, False), ("importance", D, False)),
 }
+
+def _features_schema() -> T.StructType:
+    from .features import FEATURES
+
+    return _schema(("userId", I, False), ("movieId", I, False), *[(f, D, True) for f in FEATURES],
+                   ("label", D, True), ("split", S, False), ("fold", I, False))
+
+
+TABLE_SCHEMAS["features"] = _features_schema()
 
 TABLE_KEYS: dict[str, list[str]] = {
     "movies": ["movieId"],
@@ -95,6 +104,7 @@ TABLE_COMMENTS = {
     "metrics": "Evaluation metrics per run, model, metric and k",
     "top_n": "Evaluation top-N lists per run and ranking model (train movies excluded)",
     "recommendations": "Final top-N per user and run, ranked by the hybrid model; rows of one run replaced together",
+    "features": "Hybrid model inputs per (user, movie): train rows out-of-fold (fold = the held-out fold), test rows from all of train",
     "feature_importances": "GBT feature importances of the hybrid model per run",
 }
 
@@ -183,6 +193,8 @@ def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
     cond = " AND ".join(f"`{c}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for c, v in where.items())
     (conform(df, name, schema).write.format("delta").mode("overwrite")
      .option("replaceWhere", cond)
+     # Columns the contract added since the table was created (nullable) are merged in.
+     .option("mergeSchema", "true")
      .save(path))
 
 

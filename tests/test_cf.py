@@ -166,3 +166,30 @@ def test_predefined_split_files(spark, tmp_path):
     run_pipeline(spark, cfg2, str(root), stages=["ingest", "split"], run_id="csv")
     t = tables.read_table(spark, cfg2.paths.warehouse, "rating_splits").where("split = 'test'").collect()
     assert [(r.userId, r.movieId, r.rating, r.rated_at) for r in t] == [(2, 1, 2.5, None)]
+
+
+@pytest.mark.parametrize("extra,direct_max", [(40, 2_000_000), (0, 2_000_000), (0, 0)])
+def test_recommend_unseen_is_exact(spark, monkeypatch, extra, direct_max):
+    """Against brute force (every user x movie score, seen removed, top 5): the first pass only,
+    a second pass by direct scoring, and a second pass by buckets give the same lists."""
+    from pyspark.ml.recommendation import ALS
+
+    from movierec_spark import als as A
+
+    train = synthetic(spark, users=40, movies=120, seed=11).select("userId", "movieId", "rating").cache()
+    model = ALS(rank=4, maxIter=4, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
+                seed=1).fit(train)
+    monkeypatch.setattr(A, "DIRECT_MAX_PAIRS", direct_max)
+    got = {(r.userId, r.rank): r.movieId for r in A.recommend_unseen(model, train, 5, extra=extra).collect()}
+    uf = {r.id: r.features for r in model.userFactors.collect()}
+    itf = {r.id: r.features for r in model.itemFactors.collect()}
+    seen = {(r.userId, r.movieId) for r in train.collect()}
+    want = {}
+    for u, fu in uf.items():
+        scores = sorted(((-sum(a * b for a, b in zip(fu, fi)), m) for m, fi in itf.items() if (u, m) not in seen))
+        for rank, (_, m) in enumerate(scores[:5], 1):
+            want[(u, rank)] = m
+    # Float32 ties aside, lists match exactly; allow a swap only between equal scores.
+    mismatched = [k for k in want if got.get(k) != want[k]]
+    assert len(got) == len(want) and len(mismatched) <= 2, mismatched
+    train.unpersist()

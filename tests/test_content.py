@@ -82,3 +82,35 @@ def test_toy_story_neighbours_on_ml_latest_small(spark, tmp_path, ml_small):
     bad = sims.alias("a").join(sims.alias("b"), (F.col("a.movieId") == F.col("b.movieId"))
                                & (F.col("b.rank") == F.col("a.rank") + 1)).where("b.similarity > a.similarity")
     assert bad.count() == 0
+
+
+RATINGS = "userId int, movieId int, rating double"
+SIMS = "movieId int, similar_movieId int, rank int, similarity double"
+
+
+def test_content_top_n_by_hand(spark):
+    from movierec_spark.content import content_top_n
+
+    # User 1's train mean is 4: movie 1 (5.0) is liked with weight 2, movie 2 (3.0) is not.
+    train = spark.createDataFrame([(1, 1, 5.0), (1, 2, 3.0)], RATINGS)
+    sims = spark.createDataFrame([(1, 3, 1, 0.9), (1, 2, 2, 0.8), (1, 4, 3, 0.5), (2, 5, 1, 0.9)], SIMS)
+    got = [(r.rank, r.movieId, round(r.score, 6), r.because_movieId)
+           for r in content_top_n(train, sims, 2).orderBy("rank").collect()]
+    # 2 is seen; 5 comes only from the movie the user did not like.
+    assert got == [(1, 3, 1.8, 1), (2, 4, 1.0, 1)]
+
+
+def test_content_predict_by_hand(spark):
+    from movierec_spark.baselines import BiasModel
+    from movierec_spark.content import content_predict
+
+    zero_u = spark.createDataFrame([(1, 0.0)], "userId int, b_u double")
+    zero_i = spark.createDataFrame([(2, 0.0)], "movieId int, b_i double")
+    bias = BiasModel(3.0, zero_u, zero_i)
+    train = spark.createDataFrame([(1, 2, 4.0), (1, 3, 2.0)], RATINGS)
+    sims = spark.createDataFrame([(1, 2, 1, 0.5), (1, 3, 2, 0.25)], SIMS)
+    pairs = spark.createDataFrame([(1, 1, 4.5), (1, 9, 1.0)], RATINGS)
+    got = {r.movieId: (r.prediction, r.n_nb) for r in content_predict(pairs, train, sims, bias, shrink=1.0).collect()}
+    # 3 + (0.5 * (4-3) + 0.25 * (2-3)) / (0.75 + 1); movie 9 has no rated neighbour: baseline.
+    assert got[1][0] == pytest.approx(3 + 0.25 / 1.75) and got[1][1] == 2
+    assert got[9] == (3.0, 0)

@@ -1,0 +1,177 @@
+"""Handcrafted features for the hybrid model, leak-free by construction.
+
+`pair_features(fit, pairs, ...)` computes every feature of the (userId, movieId) `pairs` from the
+ratings in `fit` only. The features stage calls it K times for the train part (out-of-fold:
+fold f's rows get features from train minus fold f, so no row informs its own features) and
+once for the test part (from the whole train part).
+
+Features (the article's names where it has them):
+- GAvg, UAvg, MAvg: global, user and movie mean rating; u_n, m_n counts; u_std, m_std spread.
+- sur1..sur5: ratings of this movie by the 5 users most similar to this user (cosine over
+  mean-centred rating vectors), missing filled with MAvg; n_sur counts the real ones.
+- smr1..smr5: this user's ratings of the 5 movies most similar to this movie by rating-vector
+  cosine among those the user rated, missing filled with UAvg; n_smr. csmr1..csmr5 / n_csmr:
+  the same by content cosine (similar_movies).
+- baseline: the bias baseline; als: residual ALS (baseline + u.v), the baseline where ALS does
+  not know the user or movie.
+- content: the content kNN prediction; content_sim: the summed content similarity of the
+  movie to the user's rated movies (how close it is to the user's profile).
+- genre_aff: the user's mean centred rating over movies sharing the movie's genres.
+
+Scale: neighbour similarities come from sparse co-rating self-joins, never a dense all-pairs
+product. The self-join emits sum(n^2) pairs per join key, so each key's rows are capped
+(`cap_per_movie` raters per movie for user-user, `cap_per_user` ratings per user for
+movie-movie, a deterministic hash sample) and each entity keeps its top `neighbours` (with at
+least `min_common` co-ratings). The dot products use the capped co-ratings, the norms the full
+vectors; with caps above the largest count the similarities are exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig
+
+log = logging.getLogger(__name__)
+
+NB = 5  # the article's five neighbours
+
+SUR = [f"sur{i}" for i in range(1, NB + 1)]
+SMR = [f"smr{i}" for i in range(1, NB + 1)]
+CSMR = [f"csmr{i}" for i in range(1, NB + 1)]
+FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n_sur"] + SMR + ["n_smr"]
+            + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"])
+
+
+def _capped(ratings: DataFrame, key: str, cap: int | None, seed: int) -> DataFrame:
+    """At most `cap` rows per `key` value, a deterministic hash sample (None: all rows)."""
+    if not cap:
+        return ratings
+    w = Window.partitionBy(key).orderBy(F.xxhash64("userId", "movieId", F.lit(seed)))
+    return ratings.withColumn("_o", F.row_number().over(w)).where(F.col("_o") <= cap).drop("_o")
+
+
+def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int, min_common: int,
+                      cap: int | None, seed: int) -> DataFrame:
+    """Top `neighbours` of each `entity` value by cosine of centred rating vectors.
+
+    centred: userId, movieId, c (centred rating). Returns entity, nb, sim, rank.
+    """
+    norms = centred.groupBy(entity).agg(F.sqrt(F.sum(F.col("c") * F.col("c"))).alias("norm"))
+    pruned = _capped(centred, via, cap, seed).select(entity, via, "c")
+    a = pruned.select(F.col(entity).alias("e"), via, F.col("c").alias("ca"))
+    b = pruned.select(F.col(entity).alias("nb"), via, F.col("c").alias("cb"))
+    dots = (a.join(b, via).where(F.col("e") != F.col("nb"))
+            .groupBy("e", "nb").agg(F.sum(F.col("ca") * F.col("cb")).alias("dot"), F.count(F.lit(1)).alias("common"))
+            .where(F.col("common") >= min_common))
+    na = norms.select(F.col(entity).alias("e"), F.col("norm").alias("na"))
+    nbn = norms.select(F.col(entity).alias("nb"), F.col("norm").alias("nn"))
+    sims = (dots.join(na, "e").join(nbn, "nb")
+            .where((F.col("na") > 0) & (F.col("nn") > 0))
+            .select("e", "nb", (F.col("dot") / (F.col("na") * F.col("nn"))).alias("sim"))
+            .where(F.col("sim") > 0))
+    w = Window.partitionBy("e").orderBy(F.col("sim").desc(), F.col("nb"))
+    return (sims.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= neighbours)
+            .select(F.col("e").alias(entity), "nb", "sim", "rank"))
+
+
+def _top_ratings(joined: DataFrame, prefix: str, n_col: str) -> DataFrame:
+    """joined: userId, movieId, sim, r -> userId, movieId, prefix1..5 (most similar first), n_col."""
+    top = F.slice(F.sort_array(F.collect_list(F.struct((-F.col("sim")).alias("k"), F.col("r"))), True), 1, NB)
+    agg = joined.groupBy("userId", "movieId").agg(top.alias("_t"))
+    return agg.select("userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"{prefix}{i + 1}") for i in range(NB)],
+                      F.size("_t").alias(n_col))
+
+
+def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: DataFrame | None,
+                  base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
+                  seed: int, lo: float = 0.5, hi: float = 5.0) -> DataFrame:
+    """Features of `pairs` (userId, movieId[, rating]) from the ratings in `fit` only."""
+    from .als import fit_explicit, predict_explicit
+    from .baselines import fit_bias
+    from .content import content_predict
+
+    fit = fit.select("userId", "movieId", "rating").cache()
+    g = fit.agg(F.avg("rating")).first()[0]
+    ustats = fit.groupBy("userId").agg(F.avg("rating").alias("UAvg"), F.count(F.lit(1)).alias("u_n"),
+                                       F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("u_std")).cache()
+    mstats = fit.groupBy("movieId").agg(F.avg("rating").alias("MAvg"), F.count(F.lit(1)).alias("m_n"),
+                                        F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("m_std")).cache()
+    keys = pairs.select("userId", "movieId")
+
+    # Neighbour ratings. User-user: centred by the user's mean; movie-movie: by the movie's mean
+    # (adjusted per item, so a generous rater does not make every movie look alike).
+    cu = fit.join(ustats.select("userId", "UAvg"), "userId").select(
+        "userId", "movieId", "rating", (F.col("rating") - F.col("UAvg")).alias("c"))
+    unb = cosine_neighbours(cu, "userId", "movieId", cfg.neighbours, cfg.min_common, cfg.cap_per_movie, seed)
+    sur = _top_ratings(
+        keys.join(unb, "userId").join(fit.select(F.col("userId").alias("nb"), "movieId", F.col("rating").alias("r")),
+                                      ["nb", "movieId"]),
+        "sur", "n_sur")
+    cm = fit.join(mstats.select("movieId", "MAvg"), "movieId").select(
+        "userId", "movieId", (F.col("rating") - F.col("MAvg")).alias("c"))
+    mnb = cosine_neighbours(cm, "movieId", "userId", cfg.neighbours, cfg.min_common, cfg.cap_per_user, seed)
+    smr = _top_ratings(
+        keys.join(mnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r")),
+                                       ["userId", "nb"]),
+        "smr", "n_smr")
+
+    bias = fit_bias(fit, base_cfg, lo, hi)
+    model = fit_explicit(fit, bias, als_cfg, seed)
+    als = predict_explicit(model, bias, keys, True, lo, hi).select("userId", "movieId", F.col("prediction").alias("als"))
+    feats = (bias.predict(keys).withColumnRenamed("baseline", "baseline")
+             .join(als, ["userId", "movieId"], "left").join(ustats, "userId", "left").join(mstats, "movieId", "left")
+             .join(sur, ["userId", "movieId"], "left").join(smr, ["userId", "movieId"], "left"))
+
+    if sims is not None:
+        cnb = sims.where(F.col("rank") <= content_cfg.user_neighbours).select(
+            "movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"))
+        csmr = _top_ratings(
+            keys.join(cnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r")),
+                                           ["userId", "nb"]),
+            "csmr", "n_csmr")
+        cp = content_predict(keys, fit, sims, bias, content_cfg.predict_shrink, lo, hi).select(
+            "userId", "movieId", F.col("prediction").alias("content"))
+        csim = (keys.join(cnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb")), ["userId", "nb"])
+                .groupBy("userId", "movieId").agg(F.sum("sim").alias("content_sim")))
+        feats = (feats.join(csmr, ["userId", "movieId"], "left").join(cp, ["userId", "movieId"], "left")
+                 .join(csim, ["userId", "movieId"], "left"))
+    else:
+        feats = feats.select("*", *[F.lit(None).cast("double").alias(c) for c in CSMR + ["content", "content_sim"]],
+                             F.lit(0).alias("n_csmr"))
+
+    # Genre affinity: the user's mean centred rating per genre, averaged over the movie's genres.
+    mg = movies.select("movieId", F.explode("genres").alias("genre"))
+    ug = (cu.join(mg, "movieId").groupBy("userId", "genre").agg(F.avg("c").alias("aff")))
+    gaff = keys.join(mg, "movieId").join(ug, ["userId", "genre"]).groupBy("userId", "movieId").agg(
+        F.avg("aff").alias("genre_aff"))
+    feats = feats.join(gaff, ["userId", "movieId"], "left")
+
+    # The article's fills: a missing neighbour's rating is the movie's (sur) or the user's (smr)
+    # average; unknown users or movies get the global average.
+    uavg = F.coalesce(F.col("UAvg"), F.lit(g))
+    mavg = F.coalesce(F.col("MAvg"), F.lit(g))
+    out = feats.select(
+        "userId", "movieId",
+        F.lit(g).alias("GAvg"), uavg.alias("UAvg"), mavg.alias("MAvg"),
+        *[F.coalesce(c, F.lit(0)).cast("double").alias(n) for c, n in (("u_n", "u_n"), ("m_n", "m_n"),
+                                                                      ("u_std", "u_std"), ("m_std", "m_std"))],
+        *[F.coalesce(F.col(c), mavg).alias(c) for c in SUR], F.coalesce("n_sur", F.lit(0)).cast("double").alias("n_sur"),
+        *[F.coalesce(F.col(c), uavg).alias(c) for c in SMR], F.coalesce("n_smr", F.lit(0)).cast("double").alias("n_smr"),
+        *[F.coalesce(F.col(c), uavg).alias(c) for c in CSMR],
+        F.coalesce("n_csmr", F.lit(0)).cast("double").alias("n_csmr"),
+        "baseline", F.coalesce("als", "baseline").alias("als"), F.coalesce("content", "baseline").alias("content"),
+        F.coalesce("content_sim", F.lit(0.0)).alias("content_sim"), F.coalesce("genre_aff", F.lit(0.0)).alias("genre_aff"),
+    )
+    label = pairs.select("userId", "movieId", F.col("rating").alias("label")) if "rating" in pairs.columns else None
+    if label is not None:
+        out = out.join(label, ["userId", "movieId"])
+    result = out.cache()
+    result.count()
+    for df in (fit, ustats, mstats):
+        df.unpersist()
+    bias.unpersist()
+    return result

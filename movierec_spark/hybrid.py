@@ -1,0 +1,51 @@
+"""The hybrid model: MLlib GBTRegressor over the handcrafted features and the ALS output.
+
+Trained on the train part's out-of-fold features (see features.py), so what it learns about
+"how much to trust ALS for this user" is learned from predictions ALS made without the row;
+trained on in-sample features it would learn to copy an over-fitted ALS.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark.ml import PipelineModel
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.regression import GBTRegressor
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from .config import HybridConfig
+from .features import FEATURES
+
+log = logging.getLogger(__name__)
+
+
+def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple[PipelineModel, list[tuple[str, float]]]:
+    """Fit assembler + GBT on labelled feature rows; returns the model and importances (desc)."""
+    from pyspark.ml import Pipeline
+
+    data = train_features.where(F.col("label").isNotNull())
+    if cfg.max_train_rows:
+        n = data.count()
+        if n > cfg.max_train_rows:
+            # A hash sample, so reruns train on the same rows.
+            frac = cfg.max_train_rows / n
+            data = data.where((F.abs(F.xxhash64("userId", "movieId", F.lit(seed + 1))) % 1_000_000) < frac * 1_000_000)
+            log.info("hybrid: GBT trained on a %.1f%% hash sample of %d rows", 100 * frac, n)
+    gbt = GBTRegressor(featuresCol="x", labelCol="label", predictionCol="raw", maxIter=cfg.max_iter,
+                       maxDepth=cfg.max_depth, stepSize=cfg.step_size, subsamplingRate=cfg.subsample,
+                       minInstancesPerNode=cfg.min_instances_per_node, seed=seed, cacheNodeIds=True,
+                       checkpointInterval=10)
+    model = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="x", handleInvalid="keep"), gbt]).fit(
+        data.cache())
+    imp = model.stages[-1].featureImportances.toArray()
+    ranked = sorted(zip(FEATURES, imp.tolist()), key=lambda t: -t[1])
+    data.unpersist()
+    return model, ranked
+
+
+def predict_hybrid(model: PipelineModel, features: DataFrame, lo: float = 0.5, hi: float = 5.0) -> DataFrame:
+    """features + prediction (the GBT's output clipped to the rating scale)."""
+    out = model.transform(features)
+    return out.withColumn("prediction", F.least(F.greatest(F.col("raw"), F.lit(lo)), F.lit(hi))).drop("x", "raw")
