@@ -171,8 +171,10 @@ class HybridConfig:
     # bound the co-rating self-joins (null = no cap: exact similarities).
     neighbours: int = 30
     min_common: int = 2
-    cap_per_movie: int | None = 300
-    cap_per_user: int | None = 300
+    # 300/300 ran out of a 6 GB heap on ml-latest-small (20M+ co-rating pairs in one hash
+    # aggregate); 100/100 keeps the self-joins to a few million pairs.
+    cap_per_movie: int | None = 100
+    cap_per_user: int | None = 100
     # MLlib GBTRegressor.
     max_iter: int = 80
     max_depth: int = 5
@@ -181,6 +183,13 @@ class HybridConfig:
     min_instances_per_node: int = 20
     # Train the GBT on at most this many out-of-fold rows (a hash sample; null = all).
     max_train_rows: int | None = 2_000_000
+    # Final recommendations: candidates are these models' top-N lists of this run (train
+    # movies already excluded), rescored by the hybrid.
+    candidate_models: list[str] = field(default_factory=lambda: ["als_implicit", "content", "popularity"])
+    # What orders the candidates: "hybrid" (its predicted rating) or "learned" (a GBT classifier
+    # trained on a held-out fold of train to predict which candidates the user goes on to rate;
+    # see ranker.py).
+    ranker: str = "learned"
 
 
 @dataclass

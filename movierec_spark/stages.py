@@ -337,10 +337,22 @@ def features_stage(ctx: RunContext) -> dict:
         log.info("features: fold %d/%d (train rows of this fold, from the other %d folds)", f + 1, n_oof, h.folds - 1)
         parts.append(pair_features(folded.where(F.col("fold") != f), folded.where(F.col("fold") == f), *args)
                      .withColumn("split", F.lit("train")).withColumn("fold", F.lit(f)))
-    log.info("features: test rows, from the whole train part")
-    parts.append(pair_features(train, test, *args).withColumn("split", F.lit("test")).withColumn("fold", F.lit(-1)))
+    # Test pairs and the recommendation candidates get features from the whole train part, in
+    # one pass (one ALS fit, one set of neighbour lists).
+    cands = _candidates(ctx)
+    pairs = test.withColumn("split", F.lit("test"))
+    if cands is not None:
+        pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
+                                               F.lit("candidate").alias("split")))
+    log.info("features: test rows%s, from the whole train part", " and candidates" if cands is not None else "")
+    full = pair_features(train, pairs.select("userId", "movieId").distinct(), *args)
+    parts.append(full)
+    for name in ("test", "candidate") if cands is not None else ("test",):
+        parts.append(full.join(pairs.where(F.col("split") == name).select(
+            "userId", "movieId", F.col("rating").alias("label"), "split"), ["userId", "movieId"])
+            .withColumn("fold", F.lit(-1)))
     df = parts[0]
-    for p in parts[1:]:
+    for p in parts[1:n_oof] + parts[n_oof + 1:]:
         df = df.unionByName(p)
     tables.overwrite(spark, df, wh, "features")
     for p in parts:
@@ -362,10 +374,103 @@ def hybrid_stage(ctx: RunContext) -> dict:
     preds = predict_hybrid(model, feats.where(F.col("split") == "test"), lo, hi).select(
         "userId", "movieId", F.col("label").alias("rating"), "prediction")
     _write_predictions(ctx, "hybrid", preds)
+    # Saved for the recommend stage (and for anyone who wants to score pairs later).
+    model.write().overwrite().save(_model_path(ctx, "hybrid"))
     imp = spark.createDataFrame([(ctx.run_id, f, float(v)) for f, v in importances],
                                 tables.TABLE_SCHEMAS["feature_importances"])
     tables.replace_where(spark, imp, wh, "feature_importances", {"run_id": ctx.run_id})
     return {"top_features": [f for f, _ in importances[:5]]}
+
+
+def _learned_scores(ctx: RunContext):
+    """userId, movieId, prediction = the learned ranker's probability, for this run's candidates.
+
+    Trained on fold 0 of train (the features stage's hash folds) with candidate models
+    refitted on the other folds, so neither the ranker nor its inputs see the test part.
+    """
+    from .ranker import candidate_lists, fit_ranker, rank_scores, ranker_features
+
+    cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
+    models, seed = cfg.hybrid.candidate_models, cfg.pipeline.seed
+    n = max(cfg.evaluation.ks)
+    train, _ = _split_frames(ctx)
+    sims = _optional(ctx, "similar_movies")
+    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(cfg.hybrid.folds))
+    rest, held = train.where(fold != 0).cache(), train.where(fold == 0).select("userId", "movieId")
+    lists = candidate_lists(rest, sims, models, cfg, n, seed)
+    feats, names = ranker_features(lists, rest, models, n)
+    labelled = feats.join(held.withColumn("label", F.lit(1.0)), ["userId", "movieId"], "left").fillna({"label": 0.0})
+    model = fit_ranker(labelled, names, seed)
+    rest.unpersist()
+    run_lists = tables.read_table(spark, wh, "top_n").where((F.col("run_id") == run) & F.col("model").isin(models))
+    run_feats, _ = ranker_features(run_lists, train, models, n)
+    model.write().overwrite().save(_model_path(ctx, "ranker"))
+    return rank_scores(model, run_feats).withColumnRenamed("p", "prediction")
+
+
+def _model_path(ctx: RunContext, name: str) -> str:
+    from .config import join_path
+
+    return join_path(ctx.warehouse, "_models", name)
+
+
+@stage("recommend")
+def recommend_stage(ctx: RunContext) -> dict:
+    """Final top-N per user: the candidate models' lists rescored by the hybrid."""
+    from pyspark.ml import PipelineModel
+
+    from .baselines import popularity, top_n_per_user
+    from .hybrid import predict_hybrid
+
+    cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
+    n, n_eval = cfg.evaluation.top_n, max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
+    lo, hi = _scale(ctx)
+    feats = tables.read_table(spark, wh, "features").where(F.col("split") == "candidate")
+    if feats.isEmpty():
+        raise ValueError("recommend: no candidate rows in `features`: run the candidate models "
+                         f"({', '.join(cfg.hybrid.candidate_models)}) and the features stage in this run first")
+    if cfg.hybrid.ranker == "learned":
+        scored = _learned_scores(ctx)
+    else:
+        model = PipelineModel.load(_model_path(ctx, "hybrid"))
+        scored = predict_hybrid(model, feats, lo, hi).select("userId", "movieId", "prediction")
+    # Which model brought the movie in: the first in candidate_models' order that listed it.
+    prio = F.array_position(F.array(*[F.lit(m) for m in cfg.hybrid.candidate_models]), F.col("model"))
+    src = (tables.read_table(spark, wh, "top_n").where((F.col("run_id") == run) & F.col("model").isin(cfg.hybrid.candidate_models))
+           .groupBy("userId", "movieId")
+           .agg(F.min_by(F.struct("model", "because_movieId"), prio).alias("s"),
+                F.max("because_movieId").alias("any_because")))
+    ranked = top_n_per_user(scored.join(src, ["userId", "movieId"]), n_eval, score=F.col("prediction")).join(
+        src, ["userId", "movieId"]).select(
+        "userId", "rank", "movieId", "score", F.col("s.model").alias("source"),
+        F.coalesce(F.col("s.because_movieId"), F.col("any_because")).alias("because_movieId")).cache()
+    _write_top_n(ctx, "hybrid", ranked)
+    # Users with ratings but none in train (all held out) get the most popular movies, marked so.
+    train, _ = _split_frames(ctx)
+    cold = (tables.read_table(spark, wh, "ratings").select("userId").distinct()
+            .join(train.select("userId").distinct(), "userId", "left_anti"))
+    pop = popularity(train).where(F.col("pop_rank") <= n).select(
+        "movieId", F.col("pop_rank").alias("rank"), F.col("n_ratings").cast("double").alias("score"))
+    cold_recs = cold.crossJoin(F.broadcast(pop)).select(
+        "userId", "rank", "movieId", "score", F.lit("popular_cold").alias("source"),
+        F.lit(None).cast("int").alias("because_movieId"))
+    recs = ranked.where(F.col("rank") <= n).select(*cold_recs.columns).unionByName(cold_recs).select(
+        F.lit(run).alias("run_id"), "*")
+    n_cold = cold.count()
+    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run})
+    users = ranked.select("userId").distinct().count()
+    short = ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()
+    ranked.unpersist()
+    return {"users": users, "users_short_of_n": short, "cold_users": n_cold}
+
+
+def _candidates(ctx: RunContext):
+    """Distinct (userId, movieId) from this run's top-N lists of the candidate models, or None."""
+    if not tables.table_exists(ctx.spark, tables.table_path(ctx.warehouse, "top_n")):
+        return None
+    top = tables.read_table(ctx.spark, ctx.warehouse, "top_n").where(
+        (F.col("run_id") == ctx.run_id) & F.col("model").isin(ctx.cfg.hybrid.candidate_models))
+    return None if top.isEmpty() else top.select("userId", "movieId").distinct()
 
 
 def _optional(ctx: RunContext, name: str):

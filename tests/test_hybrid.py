@@ -1,0 +1,114 @@
+"""Hybrid: features without leakage, the GBT, the final recommendations (small generated set)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from delta.tables import DeltaTable
+from pyspark.sql import functions as F
+
+from movierec_spark import tables
+from movierec_spark.features import FEATURES
+
+STAGES = ["ingest", "split", "baselines", "als_implicit", "content", "features", "hybrid", "recommend", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(spark, tmp_path_factory):
+    from movierec_spark.generate import generate_dataset
+    from movierec_spark.pipeline import run_pipeline
+
+    from .conftest import make_config
+
+    root = tmp_path_factory.mktemp("hybrid")
+    generate_dataset(root / "gen", users=80, movies=150, ratings=5_000, seed=9)
+    cfg = make_config(root / "wh", als__rank=6, als__max_iter=6, als_implicit__rank=6, als_implicit__max_iter=6,
+                      hybrid__folds=2, hybrid__max_iter=15, hybrid__neighbours=10, content__k=10)
+    ctx = run_pipeline(spark, cfg, str(root / "gen"), stages=STAGES, run_id="hy")
+    return spark, cfg, ctx
+
+
+def test_every_test_pair_gets_a_hybrid_prediction(hybrid_run):
+    spark, cfg, _ = hybrid_run
+    wh = cfg.paths.warehouse
+    test = tables.read_table(spark, wh, "rating_splits").where("split = 'test'")
+    preds = tables.read_table(spark, wh, "predictions").where("run_id = 'hy' AND model = 'hybrid'")
+    assert preds.count() == test.count()
+    assert preds.join(test, ["userId", "movieId"], "left_anti").count() == 0
+    assert preds.where(F.isnan("prediction") | (F.col("prediction") < 0.5) | (F.col("prediction") > 5.0)).count() == 0
+    feats = tables.read_table(spark, wh, "features")
+    # Train rows are out-of-fold: each appears once, in the fold its hash gives it.
+    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train'")
+    tf = feats.where("split = 'train'")
+    assert tf.count() == train.count() and tf.select("userId", "movieId").distinct().count() == train.count()
+    assert feats.where(" OR ".join(f"isnan({c}) OR {c} IS NULL" for c in FEATURES)).count() == 0
+    imp = {r.feature: r.importance for r in tables.read_table(spark, wh, "feature_importances").where("run_id = 'hy'").collect()}
+    assert set(imp) == set(FEATURES) and math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
+
+
+def test_recommendations_contract(hybrid_run):
+    spark, cfg, _ = hybrid_run
+    wh = cfg.paths.warehouse
+    n = cfg.evaluation.top_n
+    recs = tables.read_table(spark, wh, "recommendations").where("run_id = 'hy'")
+    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train'")
+    # Every user with train ratings gets exactly n, ranked 1..n, none of them rated in train.
+    per_user = recs.groupBy("userId").agg(F.count(F.lit(1)).alias("c"), F.max("rank").alias("m"))
+    users = train.select("userId").distinct()
+    assert per_user.join(users, "userId").where(f"c != {n} OR m != {n}").count() == 0
+    assert users.join(per_user, "userId", "left_anti").count() == 0
+    assert recs.join(train, ["userId", "movieId"]).count() == 0
+    sources = {r.source for r in recs.select("source").distinct().collect()}
+    assert sources <= set(cfg.hybrid.candidate_models) | {"popular_cold"}
+    # A content pick names the watched movie behind it, and the user did rate that movie.
+    content = recs.where("source = 'content'")
+    assert content.where("because_movieId IS NULL").count() == 0
+    assert content.join(train.select("userId", F.col("movieId").alias("because_movieId")),
+                        ["userId", "because_movieId"], "left_anti").count() == 0
+    # Scores fall with rank.
+    r = recs.alias("a").join(recs.alias("b"), (F.col("a.userId") == F.col("b.userId")) & (F.col("b.rank") == F.col("a.rank") + 1))
+    assert r.where("b.score > a.score + 1e-12 AND a.source != 'popular_cold'").count() == 0
+    m = {(x.model, x.metric, x.k) for x in tables.read_table(spark, wh, "metrics").where("run_id = 'hy'").collect()}
+    assert ("hybrid", "rmse", None) in m and ("hybrid", "ndcg", 10) in m
+
+
+def test_shuffled_labels_do_not_beat_the_bias_baseline(hybrid_run):
+    """Trained on permuted labels the GBT has nothing to learn: if it still beat the bias
+    baseline, the test features would be carrying the test ratings."""
+    from movierec_spark.evaluation import rating_metrics
+    from movierec_spark.hybrid import fit_hybrid, predict_hybrid
+
+    spark, cfg, _ = hybrid_run
+    wh = cfg.paths.warehouse
+    feats = tables.read_table(spark, wh, "features")
+    train = feats.where("split = 'train'")
+    order = lambda seed: F.row_number().over(__import__("pyspark.sql", fromlist=["Window"]).Window.orderBy(  # noqa: E731
+        F.xxhash64("userId", "movieId", F.lit(seed))))
+    keyed = train.withColumn("i", order(1)).drop("label")
+    labels = train.select(F.col("label"), order(2).alias("i"))
+    shuffled = keyed.join(labels, "i").drop("i")
+    model, _ = fit_hybrid(shuffled, cfg.hybrid, 42)
+    test = feats.where("split = 'test'")
+    rmse = rating_metrics(predict_hybrid(model, test).select(F.col("label").alias("rating"), "prediction"))["rmse"]
+    bias = rating_metrics(test.select(F.col("label").alias("rating"), F.col("baseline").alias("prediction")))["rmse"]
+    assert rmse > bias
+
+
+def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
+    """Change one train rating and rebuild the features: that row's features stay the same."""
+    from movierec_spark.pipeline import run_pipeline
+
+    spark, cfg, _ = hybrid_run
+    wh = cfg.paths.warehouse
+    before = tables.read_table(spark, wh, "features").where("split = 'train'").orderBy("userId", "movieId").first()
+    u, m = before.userId, before.movieId
+    dt = DeltaTable.forPath(spark, tables.table_path(wh, "rating_splits"))
+    new = 0.5 if before.label > 2.5 else 5.0
+    dt.update(f"userId = {u} AND movieId = {m}", {"rating": F.lit(new)})
+    # (Runs last in this module: it leaves the changed rating and features behind.)
+    run_pipeline(spark, cfg, None, stages=["features"], run_id="hy-changed")
+    after = tables.read_table(spark, wh, "features").where(f"userId = {u} AND movieId = {m} AND split = 'train'").first()
+    assert after.label == new  # the label moved...
+    for c in FEATURES:  # ...its features did not (float tolerance for ALS's summation order)
+        assert getattr(after, c) == pytest.approx(getattr(before, c), rel=1e-4, abs=1e-4), c
