@@ -12,7 +12,6 @@ and prints the seconds of every stage and of each whole run.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
