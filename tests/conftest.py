@@ -16,7 +16,8 @@ ML_SMALL = SHARED / "datasets" / "ml-latest-small"
 TEST_OVERRIDES = {
     "spark.master": "local[2]",
     "spark.shuffle_partitions": 2,
-    "spark.driver_memory": "2g",
+    # 4g: the hybrid module builds broadcast joins late in a long session (2g ran out in CI).
+    "spark.driver_memory": "4g",
     "spark.ui_enabled": False,
     "spark.show_progress": False,
 }

@@ -21,6 +21,8 @@ def hybrid_run(spark, tmp_path_factory):
 
     from .conftest import make_config
 
+    # Start from an empty cache: earlier modules' cached frames would crowd this long pipeline.
+    spark.catalog.clearCache()
     root = tmp_path_factory.mktemp("hybrid")
     generate_dataset(root / "gen", users=80, movies=150, ratings=5_000, seed=9)
     cfg = make_config(root / "wh", als__rank=6, als__max_iter=6, als_implicit__rank=6, als_implicit__max_iter=6,
