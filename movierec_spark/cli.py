@@ -62,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "spark.shuffle_partitions": getattr(args, "shuffle_partitions", None),
         "split.train_file": getattr(args, "train", None),
         "split.test_file": getattr(args, "test", None),
+        "ingest.incremental": True if getattr(args, "incremental", False) else None,
     }
     overrides.update(_parse_set(getattr(args, "set", [])))
     cfg = load_config(getattr(args, "config", None), overrides)
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
     p.add_argument("--train", help="predefined training ratings file (u1.base, .dat, CSV); needs --test")
     p.add_argument("--test", help="predefined test ratings file; replaces the configured splitter")
+    p.add_argument("--incremental", action="store_true",
+                   help="--input holds new and changed rows only: MERGE them into the warehouse, retrain, "
+                        "rewrite outputs; stop after ingest when nothing changed")
 
     p = sub.add_parser("ingest", help="ingest a MovieLens dataset into Delta tables")
     _add_common(p, need_input=True)
@@ -100,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup", help="resolve and cache Delta's jars (needs Maven Central once)")
     p.add_argument("--config")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("maintain", help="OPTIMIZE (Z-ORDER recommendations by userId) and VACUUM the warehouse")
+    p.add_argument("--warehouse", required=True)
+    p.add_argument("--config")
+    p.add_argument("--retain-hours", type=float, default=168.0,
+                   help="VACUUM keeps files younger versions need for this long (>= 168, the default)")
+    p.add_argument("--tables", help="comma-separated tables (default: every table of the warehouse)")
+    p.add_argument("--no-vacuum", action="store_true", help="compact only")
     p.add_argument("-v", "--verbose", action="store_true")
 
     _add_query_parsers(sub)
@@ -216,6 +229,26 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0 if jars else EXIT_FAILED
 
 
+def cmd_maintain(args: argparse.Namespace) -> int:
+    from .maintain import maintain
+    from .session import build_spark
+
+    cfg = load_config(args.config, {"paths.warehouse": args.warehouse})
+    if not Path(cfg.paths.warehouse).exists() and "://" not in args.warehouse:
+        raise FileNotFoundError(f"warehouse not found: {args.warehouse}")
+    spark = build_spark(cfg, app_name="movierec-maintain")
+    try:
+        rows = maintain(spark, cfg.paths.warehouse, args.retain_hours,
+                        only=[t.strip() for t in args.tables.split(",")] if args.tables else None,
+                        vacuum=not args.no_vacuum)
+    finally:
+        spark.stop()
+    print(f"{'table':<22}{'files before':>13}{'after':>7}{'vacuumed':>10}  z-order")
+    for r in rows:
+        print(f"{r['table']:<22}{r['files_before']:>13}{r['files_after']:>7}{str(r['vacuumed']):>10}  {r['zorder']}")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from . import query as q
 
@@ -284,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "ingest"):
             return cmd_run(args, ["ingest"] if args.command == "ingest" else None)
-        return {"download": cmd_download, "generate": cmd_generate, "setup": cmd_setup}[args.command](args)
+        return {"download": cmd_download, "generate": cmd_generate, "setup": cmd_setup,
+                "maintain": cmd_maintain}[args.command](args)
     except (ConfigError, PipelineError) as e:
         print(f"movierec: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (IngestError, LayoutError, DownloadError, SparkSetupError, FileNotFoundError, ValueError) as e:
+        # (MaintainError is a ValueError.)
         print(f"movierec: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -92,7 +92,6 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     """Features of `pairs` (userId, movieId[, rating]) from the ratings in `fit` only."""
     from .als import fit_explicit, predict_explicit
     from .baselines import fit_bias
-    from .content import content_predict
 
     fit = fit.select("userId", "movieId", "rating").cache()
     g = fit.agg(F.avg("rating")).first()[0]
@@ -127,18 +126,26 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
              .join(sur, ["userId", "movieId"], "left").join(smr, ["userId", "movieId"], "left"))
 
     if sims is not None:
-        cnb = sims.where(F.col("rank") <= content_cfg.user_neighbours).select(
-            "movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"))
-        csmr = _top_ratings(
-            keys.join(cnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r")),
-                                           ["userId", "nb"]),
-            "csmr", "n_csmr")
-        cp = content_predict(keys, fit, sims, bias, content_cfg.predict_shrink, lo, hi).select(
-            "userId", "movieId", F.col("prediction").alias("content"))
-        csim = (keys.join(cnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb")), ["userId", "nb"])
-                .groupBy("userId", "movieId").agg(F.sum("sim").alias("content_sim")))
-        feats = (feats.join(csmr, ["userId", "movieId"], "left").join(cp, ["userId", "movieId"], "left")
-                 .join(csim, ["userId", "movieId"], "left"))
+        # One join of the pairs with their content neighbours the user rated feeds three
+        # features: csmr (nearest user_neighbours, ratings), content_sim (their summed
+        # similarity) and the content kNN prediction (every listed neighbour, residuals).
+        resid = bias.predict(fit).select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r"),
+                                         (F.col("rating") - F.col("baseline")).alias("res"))
+        cnb = sims.select("movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"),
+                          (F.col("rank") <= content_cfg.user_neighbours).alias("near"))
+        near = F.col("near")
+        top = F.slice(F.sort_array(F.filter(F.collect_list(F.struct(near.alias("n"), (-F.col("sim")).alias("k"), "r")),
+                                            lambda x: x["n"]), True), 1, NB)
+        cagg = (keys.join(cnb, "movieId").join(resid, ["userId", "nb"]).groupBy("userId", "movieId")
+                .agg(top.alias("_t"), F.sum(F.when(near, F.col("sim"))).alias("content_sim"),
+                     F.sum(F.col("sim") * F.col("res")).alias("_num"), F.sum("sim").alias("_den")))
+        cfeat = cagg.select(
+            "userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"csmr{i + 1}") for i in range(NB)],
+            F.size("_t").alias("n_csmr"), "content_sim",
+            (F.col("_num") / (F.col("_den") + F.lit(content_cfg.predict_shrink))).alias("_cres"))
+        feats = feats.join(cfeat, ["userId", "movieId"], "left").withColumn(
+            "content", F.least(F.greatest(F.col("baseline") + F.coalesce("_cres", F.lit(0.0)), F.lit(lo)), F.lit(hi))
+        ).drop("_cres")
     else:
         feats = feats.select("*", *[F.lit(None).cast("double").alias(c) for c in CSMR + ["content", "content_sim"]],
                              F.lit(0).alias("n_csmr"))

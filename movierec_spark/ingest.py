@@ -358,8 +358,13 @@ def _count_reasons(df: DataFrame) -> dict[str, int]:
     return {r["r"]: int(r["count"]) for r in rows}  # one row per reason: bounded
 
 
-def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int, now: int | None = None) -> dict[str, CheckedFile]:
-    """Read and check every file of the layout; DataFrames are persisted and counted."""
+def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int, now: int | None = None,
+                  known_movies: DataFrame | None = None) -> dict[str, CheckedFile]:
+    """Read and check every file of the layout; DataFrames are persisted and counted.
+
+    `known_movies` (movieId; the warehouse's movies in an incremental run) also count as known
+    movies, and stand in for the movies file when the layout has none.
+    """
     import os
 
     now = int(now if now is not None else time.time())
@@ -381,10 +386,16 @@ def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int
         )
 
     f = layout.files
-    movies = check_movies(lines_of(f["movies"]), f["movies"], layout)
-    # A movie listed twice keeps its last line: later lines in MovieLens files are corrections.
-    finish("movies", reject_duplicates(movies, ["movieId"], [F.col("line").desc()]))
-    movie_ids = checked["movies"].loaded().select("movieId")
+    movie_ids = known_movies
+    if "movies" in f:
+        movies = check_movies(lines_of(f["movies"]), f["movies"], layout)
+        # A movie listed twice keeps its last line: later lines in MovieLens files are corrections.
+        finish("movies", reject_duplicates(movies, ["movieId"], [F.col("line").desc()]))
+        movie_ids = checked["movies"].loaded().select("movieId")
+        if known_movies is not None:
+            movie_ids = movie_ids.unionByName(known_movies).distinct()
+    if movie_ids is None:
+        raise ValueError(f"{layout.root}: no movies file and no known movies to check movie ids against")
 
     ratings = check_ratings(lines_of(f["ratings"]), f["ratings"], layout, now)
     ratings = reject_unknown(ratings, movie_ids, "movieId", "unknown_movie")

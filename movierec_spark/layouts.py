@@ -90,15 +90,19 @@ def _utf8_or_latin1(p: Path) -> str:
         return "ISO-8859-1"
 
 
-def detect_layout(path: str | Path) -> Layout:
+def detect_layout(path: str | Path, partial: bool = False) -> Layout:
+    """The layout of a MovieLens directory. `partial` (incremental input): a CSV directory may
+    hold only some files, e.g. a ratings.csv of new and changed ratings; movie ids are then
+    checked against the warehouse's movies."""
     root = _find_root(Path(path))
     if (root / "ratings.csv").is_file():
         files = {}
         for role, fname in CSV_FILES.items():
             if (root / fname).is_file():
                 files[role] = FileSpec(role, str(root / fname), "csv", CSV_COLUMNS[role], True)
-        if "movies" not in files:
-            raise LayoutError(f"{root}: ratings.csv without movies.csv")
+        if "movies" not in files and not partial:
+            raise LayoutError(f"{root}: ratings.csv without movies.csv (an incremental run, --incremental, "
+                              "may leave it out)")
         if ("genome_scores" in files) != ("genome_tags" in files):
             raise LayoutError(f"{root}: genome-scores.csv and genome-tags.csv come together; one is missing")
         layout = Layout("csv", str(root), 0.5, 5.0, 0.5, files)

@@ -50,6 +50,8 @@ class RunContext:
     # In-run memo of what several stages derive from the same tables (the split's cached train
     # and test frames, the bias model): later stages reuse it instead of recomputing it.
     shared: dict[str, object] = field(default_factory=dict)
+    # Set by a stage when the rest of the run has nothing to do (an unchanged incremental input).
+    stop_reason: str | None = None
 
     def memo(self, key: str, build: Callable[[], object]):
         if key not in self.shared:
@@ -63,6 +65,14 @@ class RunContext:
                 if hasattr(obj, "unpersist"):
                     obj.unpersist()
         self.shared.clear()
+
+
+def _point_latest(spark: SparkSession, ctx: RunContext, name: str) -> None:
+    """Move the `latest` pointer of `name` to this run, once the run has succeeded."""
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    row = [(name, ctx.run_id, tables.table_version(spark, ctx.warehouse, name), now)]
+    tables.upsert(spark, spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["latest"]), ctx.warehouse, "latest")
+    log.info("latest %s: run %s", name, ctx.run_id)
 
 
 def new_run_id() -> str:
@@ -108,6 +118,10 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
             ctx.stage_seconds[name] = round(time.perf_counter() - t0, 3)
             ctx.results[name] = result
             log.info("[%d/%d] stage %s done in %.1f s: %s", i, len(names), name, ctx.stage_seconds[name], result)
+            if ctx.stop_reason and i < len(names):
+                log.info("%s; skipping %s", ctx.stop_reason, ", ".join(names[i:]))
+                ctx.results["skipped"] = {"stages": names[i:], "reason": ctx.stop_reason}
+                break
     except BaseException as e:
         if current and current not in ctx.stage_seconds:
             ctx.stage_seconds[current] = round(time.perf_counter() - t0, 3)
@@ -120,6 +134,8 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
     finally:
         ctx.release()
     _record_run(spark, ctx, started, "succeeded")
+    if "recommend" in ctx.results:
+        _point_latest(spark, ctx, "recommendations")
     total = sum(ctx.stage_seconds.values())
     log.info("run %s succeeded in %.1f s (%s)", ctx.run_id, total,
              ", ".join(f"{k} {v:.1f}s" for k, v in ctx.stage_seconds.items()))

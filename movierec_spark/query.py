@@ -322,6 +322,13 @@ def _movie_info(warehouse: str, ids: Iterable[int]) -> dict[int, dict]:
 # recs
 
 
+def _latest_pointer(warehouse: str, name: str) -> str | None:
+    if not table_exists(warehouse, "latest"):
+        return None
+    got = rows_of(scan(open_table(warehouse, "latest"), ["run_id"], [("table_name", "=", name)]))
+    return got[0]["run_id"] if got else None
+
+
 def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | dt.datetime | None = None,
          n: int | None = None) -> Result:
     """A user's recommendations, titles included, by rank; the latest succeeded run by default."""
@@ -333,6 +340,11 @@ def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | d
     cols = ["run_id", "userId", "rank", "movieId", "score", "source", "because_movieId"]
     note = None
     rows: pa.Table | None = None
+    if run is None and as_of is None:
+        # The pipeline's pointer to the current recommendations, when it has one.
+        run = _latest_pointer(warehouse, "recommendations")
+        if run is not None:
+            note = f"run {run}: the current recommendations (table `latest`)"
     if run is None:
         history = run_history(warehouse)
         if history is None:

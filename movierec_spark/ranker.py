@@ -5,9 +5,11 @@ first; top-N lists are judged on what users go on to watch. The ranker learns th
 train part alone: one hash fold of train (the same fold 0 the features stage holds out) plays
 the held-out role, the candidate models are refitted on the rest of train, and an MLlib
 GBTClassifier learns which of their candidates land in the held-out fold from the candidate
-models' ranks and scores, the hybrid's out-of-fold inputs' cheap cousins (counts and means),
-and whether the candidate models agree. At recommendation time the same features are built
-from the whole train part and the run's own candidate lists.
+models' ranks and scores, implicit ALS's score of every candidate (also those it did not
+list), an item-kNN score (summed co-occurrence cosine of the candidate to the user's movies),
+user and movie counts and means, when the user was active against when the movie was being
+rated (train timestamps), and whether the candidate models agree. At recommendation time the
+same features are built from the whole train part and the run's own candidate lists.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ from pyspark.sql import functions as F
 log = logging.getLogger(__name__)
 
 
-def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str], cfg, n: int, seed: int) -> DataFrame:
-    """userId, movieId, model, rank, score: the candidate models' top-n lists fitted on `train`."""
+def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str], cfg, n: int, seed: int,
+                    pool: int | None = None):
+    """(lists, implicit): the candidate models' lists fitted on `train` (userId, movieId, model,
+    rank, score; implicit ALS lists its top `pool`, the others their top n) and the implicit
+    ALS model (None when it is not a candidate model)."""
     from .als import fit_implicit, recommend_unseen
     from .baselines import popularity_top_n
     from .content import content_top_n
 
-    parts = []
+    parts, model = [], None
     if "als_implicit" in models:
         model = fit_implicit(train, cfg.als_implicit, seed)
-        parts.append(recommend_unseen(model, train, n).withColumn("model", F.lit("als_implicit")))
+        parts.append(recommend_unseen(model, train, pool or n).withColumn("model", F.lit("als_implicit")))
     if "content" in models and sims is not None:
         parts.append(content_top_n(train, sims, n, cfg.content.user_sources, cfg.content.user_neighbours)
                      .withColumn("model", F.lit("content")))
@@ -42,11 +47,18 @@ def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str],
     out = parts[0].select("userId", "movieId", "model", "rank", "score")
     for p in parts[1:]:
         out = out.unionByName(p.select("userId", "movieId", "model", "rank", "score"))
-    return out
+    return out, model
 
 
-def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int) -> tuple[DataFrame, list[str]]:
-    """One row per candidate (userId, movieId) with the ranker's inputs; returns (frame, names)."""
+def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int,
+                    implicit=None, times: DataFrame | None = None,
+                    item_nb: DataFrame | None = None) -> tuple[DataFrame, list[str]]:
+    """One row per candidate (userId, movieId) with the ranker's inputs; returns (frame, names).
+
+    `implicit` (the implicit ALS model fitted on `train`) adds its score u.v for every candidate,
+    also those it did not list: a content or popularity pick the collaborative model also
+    rates highly is a better bet than one it does not.
+    """
     cols, names = [], []
     for m in models:
         is_m = F.col("model") == m
@@ -62,10 +74,63 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
            .select("*", F.log1p(F.coalesce("m_n", F.lit(0.0))).alias("m_log_n")).fillna(
                {"u_n": 0.0, "m_n": 0.0, "u_avg": g, "m_avg": g}))
     names += ["u_n", "u_avg", "m_n", "m_avg", "m_log_n"]
+    if implicit is not None:
+        uf = implicit.userFactors.select(F.col("id").alias("userId"), F.col("features").alias("u"))
+        itf = implicit.itemFactors.select(F.col("id").alias("movieId"), F.col("features").alias("v"))
+        dot = F.aggregate(F.zip_with("u", "v", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+        out = (out.join(uf, "userId", "left").join(itf, "movieId", "left")
+               .withColumn("imp_dot", F.coalesce(dot.cast("double"), F.lit(0.0))).drop("u", "v"))
+        names.append("imp_dot")
+    if times is not None:
+        out, more = _time_features(out, times)
+        names += more
+    if item_nb is not None:
+        # Item-kNN: summed co-occurrence cosine of the candidate to the movies the user rated.
+        hist = train.select("userId", F.col("movieId").alias("nb"))
+        knn = (out.select("userId", "movieId").join(item_nb, "movieId").join(hist, ["userId", "nb"])
+               .groupBy("userId", "movieId").agg(F.sum("sim").alias("knn"), F.count(F.lit(1)).cast("double").alias("knn_n")))
+        out = (out.join(knn, ["userId", "movieId"], "left").fillna({"knn": 0.0, "knn_n": 0.0})
+               .withColumn("knn_u", F.col("knn") / F.sqrt(F.greatest(F.col("u_n"), F.lit(1.0)))))
+        names += ["knn", "knn_n", "knn_u"]
     return out, names
 
 
-def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 40, max_depth: int = 5) -> PipelineModel:
+def item_neighbours(train: DataFrame, m: int, cap: int, seed: int) -> DataFrame:
+    """movieId, nb, sim: each movie's top-m movies by cosine of binary user vectors (co-occurrence)."""
+    from pyspark.sql import Window
+
+    w = Window.partitionBy("userId").orderBy(F.xxhash64("userId", "movieId", F.lit(seed)))
+    capped = train.select("userId", "movieId").withColumn("_o", F.row_number().over(w)).where(F.col("_o") <= cap).drop("_o")
+    n = train.groupBy("movieId").agg(F.count(F.lit(1)).cast("double").alias("n"))
+    a, b = capped.alias("a"), capped.alias("b")
+    co = (a.join(b, (F.col("a.userId") == F.col("b.userId")) & (F.col("a.movieId") != F.col("b.movieId")))
+          .groupBy(F.col("a.movieId").alias("movieId"), F.col("b.movieId").alias("nb")).agg(F.count(F.lit(1)).alias("c")))
+    sim = (co.join(n, "movieId").join(n.select(F.col("movieId").alias("nb"), F.col("n").alias("n2")), "nb")
+           .select("movieId", "nb", (F.col("c") / F.sqrt(F.col("n") * F.col("n2"))).alias("sim")))
+    r = Window.partitionBy("movieId").orderBy(F.desc("sim"), "nb")
+    return sim.withColumn("_r", F.row_number().over(r)).where(F.col("_r") <= m).drop("_r")
+
+
+def _time_features(cands: DataFrame, times: DataFrame) -> tuple[DataFrame, list[str]]:
+    """When the user was active against when the movie was being rated, from train timestamps.
+
+    A user rates movies of the period they were active in: a movie whose first rating came
+    after the user's last one, or whose ratings centre years away from the user's, is an
+    unlikely next watch. For a user active today this is a recency signal (what is being
+    watched now); for a user who left years ago it ranks the movies of their time.
+    """
+    secs = F.unix_timestamp("rated_at").cast("double")
+    day = 86400.0
+    u = times.groupBy("userId").agg(F.max(secs).alias("u_last"), F.percentile_approx(secs, 0.5).alias("u_mid"))
+    m = times.groupBy("movieId").agg(F.min(secs).alias("m_first"), F.percentile_approx(secs, 0.5).alias("m_mid"))
+    out = (cands.join(u, "userId", "left").join(m, "movieId", "left")
+           .withColumn("t_after", F.coalesce(F.greatest(F.col("m_first") - F.col("u_last"), F.lit(0.0)) / day, F.lit(0.0)))
+           .withColumn("t_dist", F.coalesce(F.abs(F.col("m_mid") - F.col("u_mid")) / day, F.lit(1e5)))
+           .drop("u_last", "u_mid", "m_first", "m_mid"))
+    return out, ["t_after", "t_dist"]
+
+
+def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4) -> PipelineModel:
     gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
                         subsamplingRate=0.8, stepSize=0.1)
     data = labelled.cache()

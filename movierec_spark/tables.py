@@ -64,6 +64,10 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                                ("movieId", I, False), ("score", D, True), ("source", S, False),
                                ("because_movieId", I, True)),
     "feature_importances": _schema(("run_id", S, False), ("feature", S, False), ("importance", D, False)),
+    # The one place consumers look for the current output: per table, the run whose rows are
+    # current and the table version that run's write produced (for time travel).
+    "latest": _schema(("table_name", S, False), ("run_id", S, False), ("table_version", L, False),
+                      ("updated_at", TS, False)),
 }
 
 def _features_schema() -> T.StructType:
@@ -84,6 +88,7 @@ TABLE_KEYS: dict[str, list[str]] = {
     "genome": ["movieId", "tagId"],
     "genome_tags": ["tagId"],
     "runs": ["run_id"],
+    "latest": ["table_name"],
 }
 
 TABLE_COMMENTS = {
@@ -106,6 +111,7 @@ TABLE_COMMENTS = {
     "recommendations": "Final top-N per user and run, ranked by the hybrid model; rows of one run replaced together",
     "features": "Hybrid model inputs per (user, movie): train rows out-of-fold (fold = the held-out fold), test rows from all of train",
     "feature_importances": "GBT feature importances of the hybrid model per run",
+    "latest": "Pointer to the current output: per table, the latest succeeded run's run_id and the table version it wrote",
 }
 
 PROPERTIES = {
@@ -202,6 +208,10 @@ def overwrite(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
               schema: T.StructType | None = None) -> None:
     path = ensure_table(spark, warehouse, name, schema)
     conform(df, name, schema).write.format("delta").mode("overwrite").save(path)
+
+
+def table_version(spark: SparkSession, warehouse: str, name: str) -> int:
+    return int(DeltaTable.forPath(spark, table_path(warehouse, name)).history(1).select("version").first()[0])
 
 
 def read_table(spark: SparkSession, warehouse: str, name: str) -> DataFrame:
