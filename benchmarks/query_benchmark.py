@@ -1,6 +1,7 @@
 """Whole-process timings of `movierec query recs` and `movierec report` (not a test: prints figures).
 
     python benchmarks/query_benchmark.py [--calls 20] [--ratings 25000000] [--keep DIR]
+    python benchmarks/query_benchmark.py --warehouse W [--warehouse W2 ...]   (real pipeline output)
 
 Builds warehouses with delta-rs (no Spark) in the contract's schemas:
 1. large: recommendations for 160,000 users x 10 (one run) in two layouts - `shuffled`, several
@@ -144,6 +145,27 @@ def time_recs(wh: Path, users: int, calls: int, seed: int = 7) -> list[float]:
     return times
 
 
+def time_existing(warehouses: list[str], calls: int) -> int:
+    """Median whole-process `query recs` time on warehouses the pipeline wrote (real outputs)."""
+    from deltalake import DeltaTable
+
+    for wh in warehouses:
+        recs = DeltaTable(str(Path(wh) / "recommendations")).to_pyarrow_table(columns=["userId"])
+        users = np.unique(recs.column("userId").to_numpy())
+        rng = np.random.default_rng(7)
+        times = []
+        for user in rng.choice(users, calls):
+            t0 = time.perf_counter()
+            p = subprocess.run(movierec_cmd() + ["query", "recs", "--warehouse", wh, "--user", str(user)],
+                               capture_output=True, text=True)
+            times.append(time.perf_counter() - t0)
+            if p.returncode != 0 or "rank" not in p.stdout:
+                raise SystemExit(f"query failed for user {user}: {p.returncode} {p.stderr}")
+        print(f"{wh}: {recs.num_rows:,} recommendation rows, {len(users):,} users; {calls} x `movierec query recs`: "
+              f"median {statistics.median(times):.3f} s, max {max(times):.3f} s (load {os.getloadavg()[0]:.2f})")
+    return 0
+
+
 def time_similar(wh: Path, movies: int, calls: int, seed: int = 11) -> list[float]:
     rng = np.random.default_rng(seed)
     times = []
@@ -175,7 +197,12 @@ def main() -> int:
     ap.add_argument("--movies", type=int, default=62_000)
     ap.add_argument("--ratings", type=int, default=25_000_000, help="ratings rows of the large warehouse")
     ap.add_argument("--keep", help="build the warehouses under this directory and keep them")
+    ap.add_argument("--warehouse", action="append", default=[],
+                    help="time an existing warehouse the pipeline wrote instead (repeatable; users drawn "
+                         "from its recommendations)")
     args = ap.parse_args()
+    if args.warehouse:
+        return time_existing(args.warehouse, args.calls)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="querybench-"))
     cases = [
         (f"{args.users:,} users x 10, shuffled files", args.users, args.movies, args.ratings, "shuffled"),
