@@ -388,6 +388,24 @@ def resolve_local(p: str, base: Path) -> Path:
 CANDIDATE_MODELS = ("als_implicit", "als", "content", "popularity")
 
 
+# Below this the driver JVM cannot hold Spark, Delta's log replay and a GBT fit at once: the
+# run would die with OutOfMemoryError minutes in, so it is refused before Spark starts.
+MIN_DRIVER_MB = 1024
+
+
+def memory_mb(text: str) -> int:
+    """'4g' -> 4096, '512m' -> 512 (Spark's size suffixes k, m, g, t)."""
+    n, unit = int(text[:-1]), text[-1].lower()
+    return {"k": n // 1024, "m": n, "g": n * 1024, "t": n * 1024 * 1024}[unit]
+
+
+def _physical_mb() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"{cfg_path}: {msg}")
@@ -398,6 +416,14 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
         raise bad("spark.shuffle_partitions must be >= 1")
     if not cfg.spark.driver_memory[:-1].isdigit() or cfg.spark.driver_memory[-1].lower() not in "kmgt":
         raise bad(f"spark.driver_memory must look like 4g or 512m, got {cfg.spark.driver_memory!r}")
+    mem_mb = memory_mb(cfg.spark.driver_memory)
+    if mem_mb < MIN_DRIVER_MB:
+        raise bad(f"spark.driver_memory {cfg.spark.driver_memory} is too little: the pipeline needs at least "
+                  f"{MIN_DRIVER_MB // 1024}g (Spark, Delta and the ALS/GBT stages in one JVM); 4g or more is advised")
+    total_mb = _physical_mb()
+    if total_mb and mem_mb > total_mb:
+        raise bad(f"spark.driver_memory {cfg.spark.driver_memory} is more than this machine's "
+                  f"{total_mb / 1024:.0f} GiB of memory")
     if cfg.split.method not in SPLIT_METHODS:
         raise bad(f"split.method must be one of {', '.join(SPLIT_METHODS)}, got {cfg.split.method!r}")
     if not 0.0 < cfg.split.test_ratio < 1.0:

@@ -72,6 +72,10 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
         # Delta rebuilds table state with 50 tasks by default: pure overhead for small logs.
         "spark.databricks.delta.snapshotPartitions": str(cfg.spark.shuffle_partitions),
+        # Ingest decodes small files whole with decode(); Spark 4 raises MALFORMED_CHARACTER_CODING
+        # on the first invalid byte, failing the whole file. Replacing it with U+FFFD instead lets
+        # ingest reject just that line (reason bad_encoding) and load the rest.
+        "spark.sql.legacy.codingErrorAction": "true",
     }
     if not is_uri(cfg.paths.warehouse):
         settings["spark.sql.warehouse.dir"] = str(Path(cfg.paths.warehouse) / "_spark_sql")

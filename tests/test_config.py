@@ -42,6 +42,8 @@ def test_unknown_section(tmp_path):
         ("ingest:\n  reject_threshold: 1.5\n", "within 0..1"),
         ("pipeline:\n  stages: ingest\n", "pipeline.stages: expected a list"),
         ("spark:\n  driver_memory: lots\n", "driver_memory must look like"),
+        ("spark:\n  driver_memory: 256m\n", "driver_memory 256m is too little"),
+        ("spark:\n  driver_memory: 64t\n", "more than this machine's"),
         ("- a\n- b\n", "top level must be a mapping"),
     ],
 )
