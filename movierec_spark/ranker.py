@@ -28,17 +28,20 @@ log = logging.getLogger(__name__)
 
 def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str], cfg, n: int, seed: int,
                     pool: int | None = None):
-    """(lists, implicit): the candidate models' lists fitted on `train` (userId, movieId, model,
-    rank, score; implicit ALS lists its top `pool`, the others their top n) and the implicit
-    ALS model (None when it is not a candidate model)."""
+    """(lists, implicit, cached): the candidate models' lists fitted on `train` (userId, movieId,
+    model, rank, score; implicit ALS lists its top `pool`, the others their top n), the implicit
+    ALS model (None when it is not a candidate model), and the frames cached on the way, for
+    the caller to unpersist once it is done with the lists."""
     from .als import fit_implicit, recommend_unseen
     from .baselines import popularity_top_n
     from .content import content_top_n
 
-    parts, model = [], None
+    parts, model, cached = [], None, []
     if "als_implicit" in models:
         model = fit_implicit(train, cfg.als_implicit, seed)
-        parts.append(recommend_unseen(model, train, pool or n).withColumn("model", F.lit("als_implicit")))
+        recs = recommend_unseen(model, train, pool or n)  # cached by recommend_unseen
+        cached.append(recs)
+        parts.append(recs.withColumn("model", F.lit("als_implicit")))
     if "content" in models and sims is not None:
         parts.append(content_top_n(train, sims, n, cfg.content.user_sources, cfg.content.user_neighbours)
                      .withColumn("model", F.lit("content")))
@@ -47,7 +50,7 @@ def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str],
     out = parts[0].select("userId", "movieId", "model", "rank", "score")
     for p in parts[1:]:
         out = out.unionByName(p.select("userId", "movieId", "model", "rank", "score"))
-    return out, model
+    return out, model, cached
 
 
 def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int,
@@ -95,20 +98,17 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
     return out, names
 
 
-def item_neighbours(train: DataFrame, m: int, cap: int, seed: int) -> DataFrame:
-    """movieId, nb, sim: each movie's top-m movies by cosine of binary user vectors (co-occurrence)."""
-    from pyspark.sql import Window
+def item_neighbours(train: DataFrame, m: int, cap: int | None, seed: int) -> DataFrame:
+    """movieId, nb, sim: each movie's top-m movies by cosine of binary user vectors (co-occurrence).
 
-    w = Window.partitionBy("userId").orderBy(F.xxhash64("userId", "movieId", F.lit(seed)))
-    capped = train.select("userId", "movieId").withColumn("_o", F.row_number().over(w)).where(F.col("_o") <= cap).drop("_o")
-    n = train.groupBy("movieId").agg(F.count(F.lit(1)).cast("double").alias("n"))
-    a, b = capped.alias("a"), capped.alias("b")
-    co = (a.join(b, (F.col("a.userId") == F.col("b.userId")) & (F.col("a.movieId") != F.col("b.movieId")))
-          .groupBy(F.col("a.movieId").alias("movieId"), F.col("b.movieId").alias("nb")).agg(F.count(F.lit(1)).alias("c")))
-    sim = (co.join(n, "movieId").join(n.select(F.col("movieId").alias("nb"), F.col("n").alias("n2")), "nb")
-           .select("movieId", "nb", (F.col("c") / F.sqrt(F.col("n") * F.col("n2"))).alias("sim")))
-    r = Window.partitionBy("movieId").orderBy(F.desc("sim"), "nb")
-    return sim.withColumn("_r", F.row_number().over(r)).where(F.col("_r") <= m).drop("_r")
+    The features stage's capped co-rating self-join (features.cosine_neighbours) on vectors of
+    ones: the dot product counts co-raters (at most `cap` ratings per user in the join), the
+    norms are sqrt(raters).
+    """
+    from .features import cosine_neighbours
+
+    ones = train.select("userId", "movieId", F.lit(1.0).alias("c"))
+    return cosine_neighbours(ones, "movieId", "userId", m, 1, cap, seed).select("movieId", "nb", "sim")
 
 
 def _time_features(cands: DataFrame, times: DataFrame) -> tuple[DataFrame, list[str]]:

@@ -459,13 +459,13 @@ def _learned_scores(ctx: RunContext):
     def knn(fit):
         return item_neighbours(fit, h.ranker_knn_neighbours, h.cap_per_user, seed).cache() if h.ranker_knn_neighbours else None
 
-    lists, implicit = candidate_lists(rest, sims, models, cfg, n, seed, pool)
+    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool)
     lists = lists.cache()
     nb = knn(rest)
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
     labelled = feats.join(held.withColumn("label", F.lit(1.0)), ["userId", "movieId"], "left").fillna({"label": 0.0})
     model = fit_ranker(labelled, names, seed, h.ranker_max_iter, h.ranker_max_depth)
-    for df in (rest, lists, nb):
+    for df in (rest, lists, nb, *inner):
         if df is not None:
             df.unpersist()
     model.write().overwrite().save(_model_path(ctx, "ranker"))
