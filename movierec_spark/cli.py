@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline (stages from pipeline.stages)")
     _add_common(p)
     p.add_argument("--stages", help="comma-separated stages to run instead of pipeline.stages")
-    p.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
+    ids.add_argument("--resume", metavar="RUN_ID",
+                     help="continue an unfinished (failed or killed) run: skip its finished stages, same config")
     p.add_argument("--train", help="predefined training ratings file (u1.base, .dat, CSV); needs --test")
     p.add_argument("--test", help="predefined test ratings file; replaces the configured splitter")
     p.add_argument("--incremental", action="store_true",
@@ -191,10 +194,15 @@ def cmd_run(args: argparse.Namespace, stages: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     names = stages or ([s.strip() for s in args.stages.split(",")] if getattr(args, "stages", None) else None)
     validate_stages(names or cfg.pipeline.stages)
-    input_path = cfg.paths.input or default_input(cfg)
+    resume = getattr(args, "resume", None)
+    # A resumed run reads the input it was started with (recorded in `runs`) unless given one.
+    # Only ingest reads it: a run of later stages needs no input (and must not download one).
+    input_path = cfg.paths.input or (default_input(cfg) if "ingest" in (names or cfg.pipeline.stages) and not resume
+                                     else None)
     spark = build_spark(cfg)
     try:
-        run_pipeline(spark, cfg, input_path, names, run_id=getattr(args, "run_id", None))
+        run_pipeline(spark, cfg, input_path, names, run_id=resume or getattr(args, "run_id", None),
+                     resume=bool(resume))
     finally:
         spark.stop()
     return 0

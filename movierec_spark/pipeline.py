@@ -9,6 +9,7 @@ hybrid, recommend) by registering them; `pipeline.stages` in the config chooses 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from . import tables
 from .config import Config
@@ -52,6 +54,9 @@ class RunContext:
     shared: dict[str, object] = field(default_factory=dict)
     # Set by a stage when the rest of the run has nothing to do (an unchanged incremental input).
     stop_reason: str | None = None
+    # A freshly minted run id cannot have rows yet: its bookkeeping rows are blind appends
+    # (about 1 s cheaper per write than a MERGE or replaceWhere on this machine).
+    fresh: bool = False
 
     def memo(self, key: str, build: Callable[[], object]):
         if key not in self.shared:
@@ -86,7 +91,54 @@ def _record_run(spark: SparkSession, ctx: RunContext, started: dt.datetime, stat
     row = [(ctx.run_id, started.replace(tzinfo=None), finished, status, ctx.input_path,
             ctx.cfg.to_json(), ctx.stage_seconds, error)]
     df = spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["runs"])
-    tables.upsert(spark, df, ctx.warehouse, "runs")
+    if ctx.fresh and status == "running":
+        tables.append(spark, df, ctx.warehouse, "runs")
+    else:
+        tables.upsert(spark, df, ctx.warehouse, "runs")
+
+
+def _record_stage(spark: SparkSession, ctx: RunContext, name: str) -> None:
+    """Commit that `name` finished (seconds, result): what a resumed run skips after a crash."""
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    row = [(ctx.run_id, name, float(ctx.stage_seconds[name]), json.dumps(ctx.results[name], default=str), now)]
+    df = spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["run_stages"])
+    if ctx.fresh:
+        tables.append(spark, df, ctx.warehouse, "run_stages")
+    else:
+        tables.replace_where(spark, df, ctx.warehouse, "run_stages", {"run_id": ctx.run_id, "stage": name})
+
+
+# Sections of the config that may differ when a run is resumed: where Spark runs and with how
+# much memory, and where the input is read from, do not change what the stages compute.
+_RESUME_FREE = ("spark", "paths")
+
+
+def _resume_state(spark: SparkSession, cfg: Config, run_id: str) -> tuple[dict, dict]:
+    """The recorded run row and its finished stages {stage: (seconds, result)}; refuse a resume
+    that would mix two configurations or redo a finished run."""
+    wh = cfg.paths.warehouse
+    if not tables.table_exists(spark, tables.table_path(wh, "runs")):
+        raise PipelineError(f"cannot resume run {run_id}: no runs table in {wh}")
+    row = tables.read_table(spark, wh, "runs").where(f"run_id = '{run_id.replace(chr(39), '')}'").first()
+    if row is None:
+        raise PipelineError(f"cannot resume run {run_id}: it is not in {wh}/runs")
+    if row["status"] == "succeeded":
+        raise PipelineError(f"run {run_id} already succeeded: nothing to resume (use --run-id {run_id} to redo it)")
+
+    def model_part(js: str) -> dict:
+        d = json.loads(js or "{}")
+        return {k: v for k, v in d.items() if k not in _RESUME_FREE}
+
+    old, new = model_part(row["config"]), model_part(cfg.to_json())
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise PipelineError(f"cannot resume run {run_id}: its config differs in {diff}; "
+                            "resume with the config it started with, or start a new run")
+    done = {}
+    if tables.table_exists(spark, tables.table_path(wh, "run_stages")):
+        for r in tables.read_table(spark, wh, "run_stages").where(F.col("run_id") == run_id).collect():
+            done[r["stage"]] = (r["seconds"], json.loads(r["result"] or "{}"))
+    return row.asDict(), done
 
 
 def validate_stages(names: list[str]) -> None:
@@ -99,24 +151,42 @@ def validate_stages(names: list[str]) -> None:
 
 
 def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stages: list[str] | None = None,
-                 run_id: str | None = None) -> RunContext:
-    """Run the configured stages; record the run (failed runs too) and re-raise on failure."""
+                 run_id: str | None = None, resume: bool = False) -> RunContext:
+    """Run the configured stages; record the run (failed runs too) and re-raise on failure.
+
+    Each finished stage is committed to `run_stages`. With `resume`, `run_id` names an
+    unfinished run (failed, or killed while 'running'): its finished stages are skipped, their
+    recorded results restored, and the run continues under the same id with the same config.
+    """
     names = stages or cfg.pipeline.stages
     validate_stages(names)
-    ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse)
     started = dt.datetime.now(dt.timezone.utc)
+    done: dict = {}
+    if resume:
+        if not run_id:
+            raise PipelineError("resume needs the run id of the run to resume")
+        row, done = _resume_state(spark, cfg, run_id)
+        input_path = input_path or row["input"]
+        started = row["started_at"].replace(tzinfo=dt.timezone.utc)
+    ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id)
     log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, input_path, ctx.warehouse)
     _record_run(spark, ctx, started, "running")
     current = None
     try:
         for i, name in enumerate(names, 1):
             current = name
+            if name in done:
+                ctx.stage_seconds[name], ctx.results[name] = done[name]
+                log.info("[%d/%d] stage %s: done earlier in this run (%.1f s); skipped on resume",
+                         i, len(names), name, ctx.stage_seconds[name])
+                continue
             log.info("[%d/%d] stage %s ...", i, len(names), name)
             t0 = time.perf_counter()
             spark.sparkContext.setJobGroup(f"{ctx.run_id}:{name}", f"movierec stage {name}")
             result = STAGES[name](ctx) or {}
             ctx.stage_seconds[name] = round(time.perf_counter() - t0, 3)
             ctx.results[name] = result
+            _record_stage(spark, ctx, name)
             log.info("[%d/%d] stage %s done in %.1f s: %s", i, len(names), name, ctx.stage_seconds[name], result)
             if ctx.stop_reason and i < len(names):
                 log.info("%s; skipping %s", ctx.stop_reason, ", ".join(names[i:]))

@@ -43,6 +43,10 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
     "genome_tags": _schema(("tagId", I, False), ("tag", S, False)),
     "rejects": _schema(("run_id", S, False), ("source", S, False), ("line", L, True), ("raw", S, True),
                        ("reason", S, False)),
+    # One row per finished stage of a run, written as the stage ends: progress of a running run
+    # and what `movierec run --resume` skips after a crash.
+    "run_stages": _schema(("run_id", S, False), ("stage", S, False), ("seconds", D, False), ("result", S, True),
+                          ("finished_at", TS, False)),
     "runs": _schema(("run_id", S, False), ("started_at", TS, False), ("finished_at", TS, True),
                     ("status", S, False), ("input", S, True), ("config", S, True),
                     ("stage_seconds", T.MapType(S, D), True), ("error", S, True)),
@@ -101,6 +105,7 @@ TABLE_COMMENTS = {
     "genome_tags": "Tag genome vocabulary",
     "rejects": "Input rows that were not loaded, with source file, line, raw text and reason",
     "runs": "One row per pipeline run: status, input, config JSON, seconds per stage",
+    "run_stages": "One row per finished stage of a run (seconds, result JSON): progress, and what --resume skips",
     "rating_splits": "The persisted train/test split every model stage reads (deterministic per seed)",
     "predictions": "Held-out rating predictions per run and model",
     "als_user_factors": "Explicit ALS user factors of the latest run",
@@ -202,6 +207,12 @@ def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
      # Columns the contract added since the table was created (nullable) are merged in.
      .option("mergeSchema", "true")
      .save(path))
+
+
+def append(spark: SparkSession, df: DataFrame, warehouse: str, name: str) -> None:
+    """Blind append: only for rows whose key cannot be in the table yet (e.g. a new run id)."""
+    path = ensure_table(spark, warehouse, name)
+    conform(df, name).write.format("delta").mode("append").save(path)
 
 
 def overwrite(spark: SparkSession, df: DataFrame, warehouse: str, name: str,

@@ -53,3 +53,36 @@ def ml_small() -> Path:
     if not (ML_SMALL / "ratings.csv").is_file():
         pytest.skip(f"{ML_SMALL} not present")
     return ML_SMALL
+
+
+# The hybrid suite's pipeline: a small generated set, small models, every stage.
+HYBRID_STAGES = ["ingest", "split", "baselines", "als", "als_implicit", "content", "features", "hybrid",
+                 "recommend", "evaluate"]
+HYBRID_DATA = dict(users=80, movies=150, ratings=5_000, seed=9)
+HYBRID_OVERRIDES = dict(als__rank=6, als__max_iter=6, als_implicit__rank=6, als_implicit__max_iter=6,
+                        hybrid__folds=2, hybrid__max_iter=15, hybrid__neighbours=10, content__k=10)
+
+
+def cli_settings(**overrides) -> list[str]:
+    """The test config as `movierec run` arguments: a subprocess run computes what the session does."""
+    o = dict(TEST_OVERRIDES)
+    o.update({k.replace("__", "."): v for k, v in overrides.items()})
+    out = []
+    for k, v in o.items():
+        out += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def hybrid_run(spark, tmp_path_factory):
+    """The whole pipeline once per session (run id 'hy'); the hybrid and kill suites read it."""
+    from movierec_spark.generate import generate_dataset
+    from movierec_spark.pipeline import run_pipeline
+
+    # Start from an empty cache: earlier modules' cached frames would crowd this long pipeline.
+    spark.catalog.clearCache()
+    root = tmp_path_factory.mktemp("hybrid")
+    generate_dataset(root / "gen", **HYBRID_DATA)
+    cfg = make_config(root / "wh", **HYBRID_OVERRIDES)
+    ctx = run_pipeline(spark, cfg, str(root / "gen"), stages=HYBRID_STAGES, run_id="hy")
+    return spark, cfg, ctx
