@@ -28,7 +28,7 @@ def _als(cfg: AlsConfig | ImplicitAlsConfig, seed: int, rating_col: str, implici
     als = ALS(
         rank=cfg.rank, maxIter=cfg.max_iter, regParam=cfg.reg_param, userCol="userId", itemCol="movieId",
         ratingCol=rating_col, implicitPrefs=implicit, seed=seed, coldStartStrategy="nan",
-        checkpointInterval=getattr(cfg, "checkpoint_interval", 5), nonnegative=False,
+        checkpointInterval=getattr(cfg, "checkpoint_interval", 10), nonnegative=False,
     )
     if implicit:
         als.setAlpha(cfg.alpha)

@@ -113,7 +113,9 @@ class AlsConfig:
     reg_param: float = 0.15
     # Fit ALS to the residuals of the bias baseline: Spark's ALS has no bias terms.
     residual: bool = True
-    checkpoint_interval: int = 5
+    # Truncate the lineage every N iterations (needs the checkpoint dir). 10 is MLlib's default;
+    # 5 wrote 3 checkpoints in 15 iterations and cost 0.6-1.8 s per fit on ml-latest-small.
+    checkpoint_interval: int = 10
     # ALS user/item blocks; null = one per core Spark has (see als.als_blocks).
     num_blocks: int | None = None
     tune: bool = False
