@@ -13,13 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,111 +29,37 @@ STAGES = ["ingest", "split", "baselines", "als"]
 LOSS_STAGES = ["split", "als"]
 # Both runs: the same model settings (checked below through the config each run recorded).
 OVERRIDES = dict(als__rank=10, als__max_iter=8, spark__shuffle_partitions=4)
-START_TIMEOUT = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spark_home() -> Path:
-    import pyspark
-
-    return Path(pyspark.__file__).resolve().parent
-
-
-def _alive_workers(ui: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{ui}/json/", timeout=2) as r:
-            state = json.load(r)
-    except OSError:
-        return -1
-    return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
-
-
-def _stop(p: subprocess.Popen) -> None:
-    """SIGTERM the daemon's process group (the daemon and the executors it launched), then SIGKILL."""
-    if p.poll() is not None:
-        return
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
 def cluster(spark, tmp_path_factory):
     """Master + 2 one-core workers; torn down whatever happens (also on a failed start)."""
-    root = tmp_path_factory.mktemp("cluster")
-    home = _spark_home()
-    spark_class = home / "bin" / "spark-class"
-    if not spark_class.exists() or shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.skip("no spark-class or Java")
-    env = dict(os.environ, SPARK_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1", SPARK_LOG_DIR=str(root / "logs"),
-               PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    port, ui_port = _free_port(), _free_port()
-    url, ui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
-    procs: list[subprocess.Popen] = []
+    from movierec_spark.standalone import StandaloneCluster, StandaloneError
 
-    def daemon(name: str, *args: str) -> subprocess.Popen:
-        log = open(root / f"{name}.log", "wb")
-        p = subprocess.Popen([str(spark_class), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("no Java")
+    c = StandaloneCluster(tmp_path_factory.mktemp("cluster"), workers=2, cores=1, memory="3g")
     try:
-        daemon("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-               "--webui-port", str(ui_port))
-        workers = [daemon(f"worker{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                          "--webui-port", str(_free_port()), "--cores", "1", "--memory", "3g",
-                          "--work-dir", str(root / f"work{i}"), url) for i in (1, 2)]
-        deadline = time.monotonic() + START_TIMEOUT
-        while _alive_workers(ui) < 2:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                logs = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in root.glob("*.log"))
-                pytest.fail(f"standalone cluster did not come up in {START_TIMEOUT} s:\n{logs}")
-            time.sleep(0.5)
-        yield {"url": url, "ui": ui, "env": env, "workers": workers, "root": root, "home": home}
-    finally:
-        for p in reversed(procs):
-            _stop(p)
-
-
-def _package_zip(root: Path) -> Path:
-    """The movierec_spark package as a --py-files archive (what the wheel ships, without a build step)."""
-    out = root / "movierec_spark.zip"
-    if not out.exists():
-        with zipfile.ZipFile(out, "w") as z:
-            for f in (REPO / "movierec_spark").rglob("*.py"):
-                z.write(f, f.relative_to(REPO).as_posix())
-    return out
+        with c:
+            yield c
+    except StandaloneError as e:
+        pytest.fail(str(e))
 
 
 def _submit(cluster, spark, ml_small: Path, wh: Path, run_id: str, stages: list[str] = STAGES) -> subprocess.Popen:
     from movierec_spark.session import cached_delta_jars
+    from movierec_spark.standalone import package_archive
 
     jars = cached_delta_jars(make_config(wh))
     assert jars, "Delta jars are resolved by the session fixture first"
-    cmd = [str(cluster["home"] / "bin" / "spark-submit"), "--master", cluster["url"],
-           "--jars", ",".join(jars),
-           "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
-           "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
-           "--conf", f"spark.driver.extraJavaOptions=-Dlog4j.configurationFile=file:{REPO / 'conf' / 'log4j2.properties'}",
-           "--driver-memory", "2g", "--executor-memory", "2g", "--total-executor-cores", "2",
-           "--py-files", str(_package_zip(cluster["root"])),
-           str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "conf" / "cluster.yaml"),
+    app = [str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "conf" / "cluster.yaml"),
            "--input", str(ml_small), "--warehouse", str(wh), "--stages", ",".join(stages), "--run-id", run_id,
            *cli_settings(**OVERRIDES)]
+    log4j = f"-Dlog4j.configurationFile=file:{REPO / 'conf' / 'log4j2.properties'}"
+    cmd = cluster.submit_command(app, jars, conf={"spark.driver.extraJavaOptions": log4j},
+                                 py_files=[str(package_archive(cluster.root))])
     # The driver imports the package from --py-files, not from this checkout.
-    env = {k: v for k, v in cluster["env"].items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in cluster.env.items() if k != "PYTHONPATH"}
     # From the repo root, as README runs it (conf paths in the config are relative to it).
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -203,7 +124,7 @@ def test_spark_submit_to_a_standalone_cluster_matches_local(submitted, cluster, 
     _, want, local_s = local_run
     wh, code, out, cluster_s = submitted
     assert code == 0, out[-5000:]
-    assert f"master={cluster['url']}" in out and "submitted=True" in out
+    assert f"master={cluster.url}" in out and "submitted=True" in out
     _assert_same(spark, _outputs(spark, wh, "cl"), want)
     print(f"\nstages {STAGES} on ml-latest-small: local[2] in-process {local_s:.1f} s, "
           f"2-worker standalone cluster via spark-submit {cluster_s:.1f} s")
@@ -221,9 +142,7 @@ def test_the_job_survives_losing_a_worker(submitted, cluster, spark, ml_small, l
         for line in p.stdout:
             lines.append(line)
             if killed is None and "stage als ..." in line:
-                victim = cluster["workers"][0]
-                os.killpg(victim.pid, signal.SIGKILL)
-                victim.wait(timeout=30)
+                cluster.kill_worker(0)
                 killed = time.perf_counter()
         p.wait(timeout=900)
     finally:
@@ -232,7 +151,7 @@ def test_the_job_survives_losing_a_worker(submitted, cluster, spark, ml_small, l
     out = "".join(lines)
     assert killed is not None, out[-5000:]
     assert p.returncode == 0, out[-5000:]
-    assert _alive_workers(cluster["ui"]) == 1
+    assert cluster.alive_workers() == 1
     got = _outputs(spark, tmp_path / "wh", "cl-loss")
     assert set(got["metrics"]) == {"als"}
     _assert_same(spark, got, want)
