@@ -171,8 +171,9 @@ class ContentConfig:
 @dataclass
 class HybridConfig:
     # Out-of-fold features: train is cut into `folds` by a hash of (user, movie, seed); each of
-    # the first `oof_folds` folds (null = all) gets features from the other folds. Fewer folds
-    # trade GBT training rows for fewer ALS and similarity fits on large data.
+    # the first `oof_folds` folds gets features from the other folds. null = automatic: all
+    # folds, unless train exceeds `max_train_rows`, then only the folds (and the hash sample of
+    # their rows) the GBT would train on (features.oof_plan): 1 pass instead of 5 at 25M.
     folds: int = 5
     oof_folds: int | None = None
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that

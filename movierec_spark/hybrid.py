@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from .config import HybridConfig
-from .features import FEATURES
+from .features import FEATURES, gbt_sample
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple
         if n > cfg.max_train_rows:
             # A hash sample, so reruns train on the same rows.
             frac = cfg.max_train_rows / n
-            data = data.where((F.abs(F.xxhash64("userId", "movieId", F.lit(seed + 1))) % 1_000_000) < frac * 1_000_000)
+            data = data.where(gbt_sample(seed, frac))
             log.info("hybrid: GBT trained on a %.1f%% hash sample of %d rows", 100 * frac, n)
     gbt = GBTRegressor(featuresCol="x", labelCol="label", predictionCol="raw", maxIter=cfg.max_iter,
                        maxDepth=cfg.max_depth, stepSize=cfg.step_size, subsamplingRate=cfg.subsample,

@@ -365,7 +365,7 @@ def content_stage(ctx: RunContext) -> dict:
 @stage("features")
 def features_stage(ctx: RunContext) -> dict:
     """Hybrid features: train rows out-of-fold, test rows from the whole train part."""
-    from .features import pair_features
+    from .features import gbt_sample, oof_plan, pair_features
 
     cfg, spark, wh = ctx.cfg, ctx.spark, ctx.warehouse
     h, seed = cfg.hybrid, cfg.pipeline.seed
@@ -381,11 +381,16 @@ def features_stage(ctx: RunContext) -> dict:
     folded = train.withColumn("fold", fold)
     args = (movies, sims, cfg.baseline, cfg.als, cfg.content, h, seed, lo, hi)
     parts, out = [], {}
-    n_oof = min(h.oof_folds or h.folds, h.folds)
+    n_oof, frac = oof_plan(train.count(), h)
+    keep = F.lit(True) if frac >= 1.0 else gbt_sample(seed, frac)
+    if frac < 1.0:
+        log.info("features: out-of-fold rows of %d fold(s), a %.1f%% hash sample of them (hybrid.max_train_rows=%d)",
+                 n_oof, 100 * frac, h.max_train_rows)
     for f in range(n_oof):
         log.info("features: fold %d/%d (train rows of this fold, from the other %d folds)", f + 1, n_oof, h.folds - 1)
-        parts.append(pair_features(folded.where(F.col("fold") != f), folded.where(F.col("fold") == f), *args)
+        parts.append(pair_features(folded.where(F.col("fold") != f), folded.where((F.col("fold") == f) & keep), *args)
                      .withColumn("split", F.lit("train")).withColumn("fold", F.lit(f)))
+    out.update(oof_folds=n_oof, oof_fraction=round(frac, 4))
     # Test pairs and the recommendation candidates get features from the whole train part, in
     # one pass (one ALS fit, one set of neighbour lists).
     # Candidates only when the hybrid's rating ranks them; the learned ranker builds its own inputs.

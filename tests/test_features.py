@@ -1,0 +1,63 @@
+"""Neighbour similarities and the out-of-fold plan behind the hybrid's features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from movierec_spark.config import HybridConfig
+from movierec_spark.features import cosine_neighbours, oof_plan
+
+
+def test_cosine_neighbours_match_a_dense_numpy_computation(spark):
+    # 12 users x 9 movies, about half rated, centred values: with no cap the self-join's
+    # similarities must equal the dense cosine (norms over all of an entity's values), in both
+    # directions of each pair (the join aggregates each unordered pair once, then mirrors it).
+    rng = np.random.default_rng(3)
+    mask = rng.random((12, 9)) < 0.5
+    vals = np.where(mask, rng.normal(size=(12, 9)).round(3), 0.0)
+    rows = [(int(u), int(m), float(vals[u, m])) for u, m in zip(*np.nonzero(mask))]
+    centred = spark.createDataFrame(rows, "userId int, movieId int, c double")
+    got = {(r.userId, r.nb): (r.sim, r.rank) for r in
+           cosine_neighbours(centred, "userId", "movieId", 4, 2, None, 42).collect()}
+
+    norms = np.sqrt((vals ** 2).sum(axis=1))
+    expected = {}
+    for u in range(12):
+        cands = []
+        for v in range(12):
+            common = (mask[u] & mask[v]).sum()
+            if v == u or common < 2 or norms[u] == 0 or norms[v] == 0:
+                continue
+            sim = float(vals[u] @ vals[v] / (norms[u] * norms[v]))
+            if sim > 0:
+                cands.append((-sim, v))
+        for rank, (neg, v) in enumerate(sorted(cands)[:4], start=1):
+            expected[(u, v)] = (-neg, rank)
+    assert set(got) == set(expected)
+    for key, (sim, rank) in expected.items():
+        assert got[key][0] == pytest.approx(sim, abs=1e-12)
+        assert got[key][1] == rank
+    # Symmetric: whenever both ends keep each other, they see the same similarity.
+    for (u, v), (sim, _) in got.items():
+        if (v, u) in got:
+            assert got[(v, u)][0] == pytest.approx(sim, abs=1e-15)
+
+
+@pytest.mark.parametrize("n_train, oof_folds, expected", [
+    (80_000, None, (5, 1.0)),            # ml-latest-small: every fold, every row
+    (800_000, None, (5, 1.0)),           # 1M ratings: still under max_train_rows
+    (4_000_000, None, (3, 2_000_000 / 2_400_000)),   # 5M: 3 folds supply 2.4M rows, 2M kept
+    (20_000_000, None, (1, 0.5)),        # 25M: one fold of 4M rows, half kept
+    (20_000_000, 2, (2, 0.25)),          # an explicit oof_folds wins
+    (1_000, 9, (5, 1.0)),                # ... up to the number of folds
+])
+def test_oof_plan_computes_only_the_rows_the_gbt_trains_on(n_train, oof_folds, expected):
+    n, frac = oof_plan(n_train, HybridConfig(oof_folds=oof_folds))
+    assert n == expected[0]
+    assert frac == pytest.approx(expected[1])
+    assert n_train * n / 5 * frac <= 2_000_000 * 1.0001
+
+
+def test_oof_plan_without_a_row_cap_uses_every_fold():
+    assert oof_plan(50_000_000, HybridConfig(max_train_rows=None)) == (5, 1.0)
