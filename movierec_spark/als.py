@@ -169,8 +169,12 @@ def _score_all(model: ALSModel, users: DataFrame) -> DataFrame:
     return uf.crossJoin(F.broadcast(itf)).select("userId", "movieId", dot.alias("s"))
 
 
-def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIRST_PASS_EXTRA) -> DataFrame:
+def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIRST_PASS_EXTRA,
+                     users: DataFrame | None = None) -> DataFrame:
     """Top-n movies per train user by the model's score, excluding movies rated in train. Exact.
+
+    `users` (a userId column) limits the lists to those users: the same lists as for everyone,
+    at the cost of those users only (recommendForUserSubset).
 
     recommendForAllUsers(n) would return seen movies, and asking everyone for n + max(seen)
     costs users x max(seen). So: one pass asks everyone for n + extra; a user is done when at
@@ -181,9 +185,13 @@ def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIR
     bound: at most 4x what each user needs, linear in the data.
     """
     seen = train.select("userId", "movieId")
+    if users is not None:
+        users = users.select("userId").distinct()
+        seen = seen.join(users, "userId", "left_semi")
     counts = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
     k1 = n + extra
-    first = _candidates(model.recommendForAllUsers(k1)).join(seen, ["userId", "movieId"], "left_anti").cache()
+    asked = model.recommendForAllUsers(k1) if users is None else model.recommendForUserSubset(users, k1)
+    first = _candidates(asked).join(seen, ["userId", "movieId"], "left_anti").cache()
     got = first.groupBy("userId").agg(F.count(F.lit(1)).alias("got"))
     rest = (counts.join(got, "userId", "left")
             .where((F.coalesce("got", F.lit(0)) < n) & (F.col("n_u") + n > k1))

@@ -176,6 +176,11 @@ class HybridConfig:
     # their rows) the GBT would train on (features.oof_plan): 1 pass instead of 5 at 25M.
     folds: int = 5
     oof_folds: int | None = None
+    # Where the test rows' features come from: "full" (ALS, statistics and neighbours fitted on
+    # the whole train part, one extra pass), "fold" (the same fits as fold 0's rows: train minus
+    # fold 0), or "auto": "fold" when the out-of-fold plan is a single sampled fold (large data,
+    # where a pass is the stage's cost), else "full".
+    test_features: str = "auto"
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).
     neighbours: int = 30
@@ -207,6 +212,9 @@ class HybridConfig:
     # 100 trees gave 0.3226 and depth 7 0.2931 (the ranker overfits its one held-out fold).
     candidate_pool: int = 50
     ranker_knn_neighbours: int = 50
+    # The ranker trains on the candidate lists of at most this many users (a hash sample of
+    # users; null = all): its training set and the lists behind it stop growing with the data.
+    ranker_max_users: int | None = 20_000
     ranker_max_iter: int = 30
     ranker_max_depth: int = 4
 
@@ -441,6 +449,10 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
             raise bad(f"{sec}.num_blocks must be >= 1 or null (one per core), got {nb}")
     if cfg.hybrid.candidate_pool < 1 or cfg.hybrid.ranker_knn_neighbours < 0:
         raise bad("hybrid.candidate_pool must be >= 1 and hybrid.ranker_knn_neighbours >= 0")
+    if cfg.hybrid.test_features not in ("auto", "full", "fold"):
+        raise bad(f"hybrid.test_features must be auto, full or fold (got {cfg.hybrid.test_features!r})")
+    if cfg.hybrid.ranker_max_users is not None and cfg.hybrid.ranker_max_users < 1:
+        raise bad("hybrid.ranker_max_users must be >= 1 or null (all users)")
     if cfg.hybrid.ranker_max_iter < 1 or cfg.hybrid.ranker_max_depth < 1:
         raise bad("hybrid.ranker_max_iter and hybrid.ranker_max_depth must be >= 1")
     if cfg.hybrid.ranker not in ("learned", "hybrid"):

@@ -380,37 +380,57 @@ def features_stage(ctx: RunContext) -> dict:
     fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds)).cast("int")
     folded = train.withColumn("fold", fold)
     args = (movies, sims, cfg.baseline, cfg.als, cfg.content, h, seed, lo, hi)
-    parts, out = [], {}
+    out = {}
     n_oof, frac = oof_plan(train.count(), h)
     keep = F.lit(True) if frac >= 1.0 else gbt_sample(seed, frac)
     if frac < 1.0:
         log.info("features: out-of-fold rows of %d fold(s), a %.1f%% hash sample of them (hybrid.max_train_rows=%d)",
                  n_oof, 100 * frac, h.max_train_rows)
-    for f in range(n_oof):
-        log.info("features: fold %d/%d (train rows of this fold, from the other %d folds)", f + 1, n_oof, h.folds - 1)
-        parts.append(pair_features(folded.where(F.col("fold") != f), folded.where((F.col("fold") == f) & keep), *args)
-                     .withColumn("split", F.lit("train")).withColumn("fold", F.lit(f)))
-    out.update(oof_folds=n_oof, oof_fraction=round(frac, 4))
-    # Test pairs and the recommendation candidates get features from the whole train part, in
-    # one pass (one ALS fit, one set of neighbour lists).
-    # Candidates only when the hybrid's rating ranks them; the learned ranker builds its own inputs.
+    # Test pairs (and the recommendation candidates, when the hybrid's rating ranks them; the
+    # learned ranker builds its own inputs) get features from the whole train part in a pass
+    # of their own, or, with test_features 'fold', ride along with fold 0's rows: the same ALS
+    # fit and neighbour lists, so one pass fewer and train and test features from fits of
+    # the same size.
+    test_mode = h.test_features
+    if test_mode == "auto":
+        test_mode = "fold" if n_oof == 1 and frac < 1.0 else "full"
     cands = _candidates(ctx) if h.ranker == "hybrid" else None
     pairs = test.withColumn("split", F.lit("test"))
     if cands is not None:
         pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
                                                F.lit("candidate").alias("split")))
-    log.info("features: test rows%s, from the whole train part", " and candidates" if cands is not None else "")
-    full = pair_features(train, pairs.select("userId", "movieId").distinct(), *args)
-    parts.append(full)
-    for name in ("test", "candidate") if cands is not None else ("test",):
-        parts.append(full.join(pairs.where(F.col("split") == name).select(
-            "userId", "movieId", F.col("rating").alias("label"), "split"), ["userId", "movieId"])
-            .withColumn("fold", F.lit(-1)))
-    df = parts[0]
-    for p in parts[1:n_oof] + parts[n_oof + 1:]:
+    names = ("test", "candidate") if cands is not None else ("test",)
+    out.update(oof_folds=n_oof, oof_fraction=round(frac, 4), test_features=test_mode)
+
+    cached, frames = [], []
+
+    def with_labels(feats, rows, split: str, f: int):
+        return (feats.join(rows.select("userId", "movieId", F.col("rating").alias("label")), ["userId", "movieId"])
+                .withColumn("split", F.lit(split)).withColumn("fold", F.lit(f)))
+
+    for f in range(n_oof):
+        rows = folded.where((F.col("fold") == f) & keep)
+        shared = f == 0 and test_mode == "fold"
+        log.info("features: fold %d/%d (train rows of this fold%s, from the other %d folds)", f + 1, n_oof,
+                 " and the test rows" if shared else "", h.folds - 1)
+        keys = rows.select("userId", "movieId")
+        if shared:
+            keys = keys.unionByName(pairs.select("userId", "movieId")).distinct()
+        feats = pair_features(folded.where(F.col("fold") != f), keys, *args)
+        cached.append(feats)
+        frames.append(with_labels(feats, rows, "train", f))
+        if shared:
+            frames += [with_labels(feats, pairs.where(F.col("split") == n), n, -1) for n in names]
+    if test_mode == "full":
+        log.info("features: test rows%s, from the whole train part", " and candidates" if cands is not None else "")
+        full = pair_features(train, pairs.select("userId", "movieId").distinct(), *args)
+        cached.append(full)
+        frames += [with_labels(full, pairs.where(F.col("split") == n), n, -1) for n in names]
+    df = frames[0]
+    for p in frames[1:]:
         df = df.unionByName(p)
     tables.overwrite(spark, df, wh, "features")
-    for p in parts:
+    for p in cached:
         p.unpersist()
     counts = {r["split"]: r["count"] for r in tables.read_table(spark, wh, "features").groupBy("split").count().collect()}
     out.update(counts)
@@ -448,7 +468,7 @@ def _learned_scores(ctx: RunContext):
     from pyspark.ml.recommendation import ALSModel
 
     from .als import fit_implicit, recommend_unseen
-    from .ranker import candidate_lists, fit_ranker, item_neighbours, rank_scores, ranker_features
+    from .ranker import candidate_lists, fit_ranker, item_neighbours, rank_scores, ranker_features, sample_users
 
     cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
     h = cfg.hybrid
@@ -464,7 +484,8 @@ def _learned_scores(ctx: RunContext):
     def knn(fit):
         return item_neighbours(fit, h.ranker_knn_neighbours, h.cap_per_user, seed).cache() if h.ranker_knn_neighbours else None
 
-    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool)
+    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool,
+                                             users=sample_users(rest, h.ranker_max_users, seed))
     lists = lists.cache()
     nb = knn(rest)
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)

@@ -193,3 +193,22 @@ def test_recommend_unseen_is_exact(spark, monkeypatch, extra, direct_max):
     mismatched = [k for k in want if got.get(k) != want[k]]
     assert len(got) == len(want) and len(mismatched) <= 2, mismatched
     train.unpersist()
+
+
+def test_recommend_unseen_for_a_user_subset_equals_the_full_lists(spark):
+    """The ranker lists candidates for a sample of users only: those users' lists must be the
+    ones everyone's run gives them, and nobody else may get one."""
+    from pyspark.ml.recommendation import ALS
+
+    from movierec_spark import als as A
+
+    train = synthetic(spark, users=40, movies=120, seed=12).select("userId", "movieId", "rating").cache()
+    model = ALS(rank=4, maxIter=4, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
+                seed=1).fit(train)
+    every = {(r.userId, r.rank): r.movieId for r in A.recommend_unseen(model, train, 5, extra=0).collect()}
+    some = sorted({u for u, _ in every})[::3]
+    subset = spark.createDataFrame([(u,) for u in some], "userId int")
+    got = {(r.userId, r.rank): r.movieId for r in A.recommend_unseen(model, train, 5, extra=0, users=subset).collect()}
+    assert {u for u, _ in got} == set(some)
+    assert got == {k: v for k, v in every.items() if k[0] in set(some)}
+    train.unpersist()

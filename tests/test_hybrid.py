@@ -118,6 +118,47 @@ def test_shuffled_labels_do_not_beat_the_bias_baseline(hybrid_run):
     assert rmse > bias
 
 
+def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hybrid_run, tmp_path):
+    """With train larger than hybrid.max_train_rows the stage featurises one fold's hash sample
+    and (test_features auto -> fold) the test rows from the same fit, train minus fold 0: the
+    test rows' UAvg and m_n must be those of train without fold 0, not of the whole train part."""
+    import dataclasses
+    import shutil
+
+    from movierec_spark.features import gbt_sample
+    from movierec_spark.pipeline import run_pipeline
+
+    spark, cfg, ctx = hybrid_run
+    assert ctx.results["features"]["test_features"] == "full"  # small data: the default plan
+    wh = str(tmp_path / "wh")
+    shutil.copytree(cfg.paths.warehouse, wh)
+    h = dataclasses.replace(cfg.hybrid, max_train_rows=1000)
+    big = dataclasses.replace(cfg, hybrid=h, paths=dataclasses.replace(cfg.paths, warehouse=wh))
+    res = run_pipeline(spark, big, None, stages=["features"], run_id="hy-plan").results["features"]
+    splits = tables.read_table(spark, wh, "rating_splits")
+    train = splits.where("split = 'train'")
+    n_train = train.count()
+    assert res["oof_folds"] == 1 and res["test_features"] == "fold"
+    frac = 1000 / (n_train / 2)  # 2 folds: one fold's rows, cut to max_train_rows
+    assert res["oof_fraction"] == pytest.approx(frac, abs=1e-4)
+    seed = cfg.pipeline.seed
+    fold0 = train.where(F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(2)) == 0)
+    rest = train.join(fold0.select("userId", "movieId"), ["userId", "movieId"], "left_anti")
+    feats = tables.read_table(spark, wh, "features")
+    tr = feats.where("split = 'train'")
+    want = fold0.where(gbt_sample(seed, frac))
+    assert tr.count() == want.count() and 800 <= tr.count() <= 1200
+    assert tr.join(want, ["userId", "movieId"], "left_anti").count() == 0
+    te = feats.where("split = 'test'")
+    assert te.count() == splits.where("split = 'test'").count()
+    u = rest.groupBy("userId").agg(F.avg("rating").alias("want_u"))
+    m = rest.groupBy("movieId").agg(F.count(F.lit(1)).cast("double").alias("want_m"))
+    chk = te.join(u, "userId").join(m, "movieId")
+    assert chk.count() > 0.9 * te.count()
+    assert chk.where(F.abs(F.col("UAvg") - F.col("want_u")) > 1e-9).count() == 0
+    assert chk.where(F.col("m_n") != F.col("want_m")).count() == 0
+
+
 def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
     """Change one train rating and rebuild the features: that row's features stay the same."""
     from movierec_spark.pipeline import run_pipeline

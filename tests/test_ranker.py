@@ -30,3 +30,16 @@ def test_item_neighbours_and_knn_feature_by_hand(spark):
     assert got[20] == pytest.approx((2 / math.sqrt(6), 1.0, 2 / math.sqrt(6)))  # u_n = 1
     assert got[30] == pytest.approx((1 / math.sqrt(3), 1.0, 1 / math.sqrt(3)))
     assert {"knn", "knn_n", "knn_u", "popularity_rank"} <= set(names)
+
+
+def test_sample_users_is_a_stable_hash_sample_of_about_the_cap(spark):
+    from movierec_spark.ranker import sample_users
+
+    train = spark.range(4000).selectExpr("cast(id % 2000 as int) as userId", "cast(id as int) as movieId")
+    assert sample_users(train, 2000, 42) is None       # everyone fits: no sample
+    assert sample_users(train, None, 42) is None
+    a = {r.userId for r in sample_users(train, 500, 42).collect()}
+    b = {r.userId for r in sample_users(train, 500, 42).collect()}
+    assert a == b                                      # reruns train on the same users
+    assert 400 <= len(a) <= 600 and a <= set(range(2000))
+    assert a != {r.userId for r in sample_users(train, 500, 7).collect()}
