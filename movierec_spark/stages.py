@@ -274,15 +274,34 @@ def als_implicit_stage(ctx: RunContext) -> dict:
     """Implicit ALS, the collaborative ranking model: top-N lists without train movies."""
     from .als import fit_implicit, recommend_unseen
 
+    cfg = ctx.cfg
     train, _ = _split_frames(ctx)
-    model = fit_implicit(train, ctx.cfg.als_implicit, ctx.cfg.pipeline.seed)
-    recs = recommend_unseen(model, train, max(ctx.cfg.evaluation.ks))
-    _write_top_n(ctx, "als_implicit", recs)
+    model = fit_implicit(train, cfg.als_implicit, cfg.pipeline.seed)
+    n = max(cfg.evaluation.ks)
+    pool = _implicit_pool(cfg)
+    # Scoring every user against every movie is this stage's cost, and it grows with users x
+    # movies. The learned ranker wants implicit ALS's longer list (the pool): it is listed here
+    # in the same pass, the top n of it go to top_n, and the recommend stage reads the rest
+    # instead of scoring everyone again (at 5M ratings that second pass was 45 s).
+    recs = recommend_unseen(model, train, max(n, pool or 0))
+    _write_top_n(ctx, "als_implicit", recs.where(F.col("rank") <= n))
+    out = {"rank": cfg.als_implicit.rank}
+    if pool:
+        out["pool_path"], out["pool"] = _model_path(ctx, "als_implicit_pool"), pool
+        recs.write.mode("overwrite").parquet(out["pool_path"])
     recs.unpersist()
-    # Kept for the recommend stage's learned ranker (its score for every candidate, a longer list).
-    path = _model_path(ctx, "als_implicit")
-    model.write().overwrite().save(path)
-    return {"rank": ctx.cfg.als_implicit.rank, "model_path": path}
+    # Kept for the recommend stage's learned ranker (its score for every candidate).
+    out["model_path"] = _model_path(ctx, "als_implicit")
+    model.write().overwrite().save(out["model_path"])
+    return out
+
+
+def _implicit_pool(cfg) -> int | None:
+    """How long a list of implicit ALS the learned ranker takes (None: no learned ranker)."""
+    h = cfg.hybrid
+    if h.ranker != "learned" or "als_implicit" not in h.candidate_models or "recommend" not in cfg.pipeline.stages:
+        return None
+    return max(h.candidate_pool, max(cfg.evaluation.ks))
 
 
 @stage("evaluate")
@@ -473,7 +492,8 @@ def _learned_scores(ctx: RunContext):
     cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
     h = cfg.hybrid
     models, seed = h.candidate_models, cfg.pipeline.seed
-    n, pool = max(cfg.evaluation.ks), max(h.candidate_pool, max(cfg.evaluation.ks))
+    n = max(cfg.evaluation.ks)
+    pool = max(h.candidate_pool, n)  # as _implicit_pool
     train, _ = _split_frames(ctx)
     times = (tables.read_table(spark, wh, "rating_splits").where(F.col("split") == "train")
              .select("userId", "movieId", "rated_at"))
@@ -504,8 +524,12 @@ def _learned_scores(ctx: RunContext):
         path = _model_path(ctx, "als_implicit")
         saved = (ctx.results.get("als_implicit") or {}).get("model_path") == path
         implicit = ALSModel.load(path) if saved else fit_implicit(train, cfg.als_implicit, seed)
-        ext = recommend_unseen(implicit, train, pool)
-        cached.append(ext)
+        listed = ctx.results.get("als_implicit") or {}
+        if saved and listed.get("pool_path") and listed.get("pool", 0) >= pool:
+            ext = spark.read.parquet(listed["pool_path"]).where(F.col("rank") <= pool)
+        else:
+            ext = recommend_unseen(implicit, train, pool)
+            cached.append(ext)
         ext = ext.select(
             F.lit("als_implicit").alias("model"), "userId", "rank", "movieId", "score",
             F.lit(None).cast("int").alias("because_movieId"))
@@ -558,7 +582,6 @@ def recommend_stage(ctx: RunContext) -> dict:
         src, ["userId", "movieId"]).select(
         "userId", "rank", "movieId", "score", F.col("s.model").alias("source"),
         F.coalesce(F.col("s.because_movieId"), F.col("any_because")).alias("because_movieId")).cache()
-    _write_top_n(ctx, "hybrid", ranked)
     # Users with ratings but none in train (all held out) get the most popular movies, marked so.
     train, _ = _split_frames(ctx)
     cold = (tables.read_table(spark, wh, "ratings").select("userId").distinct()
@@ -574,6 +597,10 @@ def recommend_stage(ctx: RunContext) -> dict:
     tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run})
     users = ranked.select("userId").distinct().count()
     short = ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()
+    # Written last: `ranked` descends from this run's top_n rows, and a write to top_n makes
+    # Spark drop every cache that reads it, so anything after it would recompute the whole
+    # scoring (at 5M ratings the recommendations write took 115 s doing that).
+    _write_top_n(ctx, "hybrid", ranked)
     ranked.unpersist()
     for df in cached:
         df.unpersist()
