@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup", help="resolve and cache Delta's jars (needs Maven Central once)")
     p.add_argument("--config")
+    p.add_argument("--store", action="append", default=[], choices=["s3a", "abfss", "gs"],
+                   help="also resolve this object store's connector (added to spark.packages)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("maintain", help="OPTIMIZE (Z-ORDER recommendations by userId) and VACUUM the warehouse")
@@ -227,13 +229,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from .session import build_spark, cached_delta_jars
+    from .session import STORE_PACKAGES, build_spark, cached_delta_jars
 
     cfg = load_config(args.config)
+    for store in args.store:
+        pkg = STORE_PACKAGES[store].split(" ")[0]
+        if pkg not in cfg.spark.packages:
+            cfg.spark.packages.append(pkg)
     spark = build_spark(cfg, app_name="movierec-setup")
     spark.stop()
     jars = cached_delta_jars(cfg) or []
-    print(f"Delta jars cached: {len(jars)} files in {cfg.spark.ivy_dir}")
+    extra = f" (with {', '.join(cfg.spark.packages)})" if cfg.spark.packages else ""
+    print(f"Delta jars cached{extra}: {len(jars)} files in {cfg.spark.ivy_dir}")
     return 0 if jars else EXIT_FAILED
 
 

@@ -49,6 +49,9 @@ class SparkConfig:
     # stray poms in ~/.m2 cannot break resolution.
     ivy_dir: str = "~/.cache/movierec/ivy"
     delta_package: str = DELTA_PACKAGE
+    # Extra Maven coordinates on the classpath, resolved and cached like Delta's: the connector
+    # of an object store (s3a://: org.apache.hadoop:hadoop-aws:3.5.0; README, "Object storage").
+    packages: list[str] = field(default_factory=list)
     # Any other spark.* settings, passed through verbatim.
     conf: dict[str, str] = field(default_factory=dict)
 
@@ -118,6 +121,10 @@ class AlsConfig:
     checkpoint_interval: int = 10
     # ALS user/item blocks; null = one per core Spark has (see als.als_blocks).
     num_blocks: int | None = None
+    # Explicit ALS's own top-N lists (evaluation only: it ranks badly, nDCG@10 0.047 against
+    # implicit ALS's 0.324 on ml-latest-small). They cost a users x movies scoring pass: 216 s
+    # of the als stage's 357 s at 25M ratings, so conf/scale.yaml turns them off.
+    top_n: bool = True
     tune: bool = False
     tune_ranks: list[int] = field(default_factory=lambda: [8, 12, 20])
     tune_reg_params: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15])
@@ -181,6 +188,10 @@ class HybridConfig:
     # fold 0), or "auto": "fold" when the out-of-fold plan is a single sampled fold (large data,
     # where a pass is the stage's cost), else "full".
     test_features: str = "auto"
+    # Feature passes (one per out-of-fold fold, plus the test pass) computed side by side. 1:
+    # two threads made the stage slower on this 2-core machine (ml-latest-small: 117.4 s against
+    # 97.0 s one pass at a time), and each pass's caches add to the heap.
+    feature_threads: int = 1
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).
     neighbours: int = 30
@@ -212,6 +223,8 @@ class HybridConfig:
     # 100 trees gave 0.3226 and depth 7 0.2931 (the ranker overfits its one held-out fold).
     candidate_pool: int = 50
     ranker_knn_neighbours: int = 50
+    # Ratings per user in the item-kNN co-occurrence self-join (null: cap_per_user).
+    ranker_knn_cap: int | None = None
     # The ranker trains on the candidate lists of at most this many users (a hash sample of
     # users; null = all): its training set and the lists behind it stop growing with the data.
     ranker_max_users: int | None = 20_000
@@ -343,6 +356,13 @@ def _build(cls: Any, data: dict, where: str) -> Any:
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    if dotted.startswith("spark.conf."):
+        # Spark's own keys are dotted too: everything after spark.conf. is one key
+        # (--set spark.conf.spark.hadoop.fs.s3a.endpoint=http://...).
+        conf = data.setdefault("spark", {}).setdefault("conf", {})
+        conf[dotted[len("spark.conf."):]] = value if isinstance(value, str) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        return
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
@@ -453,6 +473,10 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
         raise bad(f"hybrid.test_features must be auto, full or fold (got {cfg.hybrid.test_features!r})")
     if cfg.hybrid.ranker_max_users is not None and cfg.hybrid.ranker_max_users < 1:
         raise bad("hybrid.ranker_max_users must be >= 1 or null (all users)")
+    if "als" in cfg.hybrid.candidate_models and not cfg.als.top_n:
+        raise bad("hybrid.candidate_models lists als but als.top_n is false: its lists would not exist")
+    if cfg.hybrid.feature_threads < 1:
+        raise bad("hybrid.feature_threads must be >= 1")
     if cfg.hybrid.ranker_max_iter < 1 or cfg.hybrid.ranker_max_depth < 1:
         raise bad("hybrid.ranker_max_iter and hybrid.ranker_max_depth must be >= 1")
     if cfg.hybrid.ranker not in ("learned", "hybrid"):

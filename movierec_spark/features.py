@@ -46,10 +46,16 @@ FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n
             + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"])
 
 
+def hash_sample(cols: list[str], seed: int, frac: float):
+    """A deterministic `frac` sample by a hash of `cols`: the same rows on every rerun and any
+    partitioning (never an unpersisted rand())."""
+    return (F.abs(F.xxhash64(*cols, F.lit(seed))) % 1_000_000) < frac * 1_000_000
+
+
 def gbt_sample(seed: int, frac: float):
     """The hash sample of (userId, movieId) rows the GBT trains on when `hybrid.max_train_rows`
-    caps it: the same rows on every rerun, and the features stage computes only those."""
-    return (F.abs(F.xxhash64("userId", "movieId", F.lit(seed + 1))) % 1_000_000) < frac * 1_000_000
+    caps it: the features stage computes only those."""
+    return hash_sample(["userId", "movieId"], seed + 1, frac)
 
 
 def oof_plan(n_train: int, cfg: HybridConfig) -> tuple[int, float]:

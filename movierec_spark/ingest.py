@@ -17,6 +17,8 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from .fs import exists as fs_exists
+from .fs import file_size
 from .layouts import ML100K_ITEM_FIXED, FileSpec, Layout
 from .tables import TABLE_SCHEMAS
 
@@ -365,19 +367,18 @@ def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int
     `known_movies` (movieId; the warehouse's movies in an incremental run) also count as known
     movies, and stand in for the movies file when the layout has none.
     """
-    import os
 
     now = int(now if now is not None else time.time())
     checked: dict[str, CheckedFile] = {}
 
     def lines_of(spec: FileSpec) -> DataFrame:
-        size = os.path.getsize(spec.path) if os.path.exists(spec.path) else whole_file_max_bytes + 1
+        size = file_size(spec.path) if fs_exists(spec.path) else whole_file_max_bytes + 1
         return split_fields(read_lines(spark, spec, whole_file_max_bytes, size), spec)
 
     def finish(role: str, df: DataFrame) -> None:
         spec = layout.files[role]
         df = df.persist(StorageLevel.MEMORY_AND_DISK)
-        cf = CheckedFile(role, os.path.basename(spec.path), df, _count_reasons(df))
+        cf = CheckedFile(role, spec.path.rstrip("/").rsplit("/", 1)[-1], df, _count_reasons(df))
         checked[role] = cf
         log.info(
             "checked %s: %d input rows, %d loaded, rejected by reason %s",

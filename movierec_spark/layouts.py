@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fs import as_path
+
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +96,7 @@ def detect_layout(path: str | Path, partial: bool = False) -> Layout:
     """The layout of a MovieLens directory. `partial` (incremental input): a CSV directory may
     hold only some files, e.g. a ratings.csv of new and changed ratings; movie ids are then
     checked against the warehouse's movies."""
-    root = _find_root(Path(path))
+    root = _find_root(as_path(path))
     if (root / "ratings.csv").is_file():
         files = {}
         for role, fname in CSV_FILES.items():

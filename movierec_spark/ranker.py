@@ -42,7 +42,9 @@ def sample_users(train: DataFrame, max_users: int | None, seed: int) -> DataFram
     frac = max_users / total
     log.info("ranker: trained on a %.1f%% hash sample of %d users (hybrid.ranker_max_users=%d)",
              100 * frac, total, max_users)
-    return users.where((F.abs(F.xxhash64("userId", F.lit(seed + 2))) % 1_000_000) < frac * 1_000_000)
+    from .features import hash_sample
+
+    return users.where(hash_sample(["userId"], seed + 2, frac))
 
 
 def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str], cfg, n: int, seed: int,

@@ -33,13 +33,25 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def _manifest(ivy_dir: Path, package: str) -> Path:
-    return ivy_dir / ("movierec-jars-" + package.replace(":", "_") + ".txt")
+def _packages(cfg: Config) -> list[str]:
+    """Delta's coordinate first, then spark.packages (object-store connectors), de-duplicated."""
+    out = [cfg.spark.delta_package]
+    for p in cfg.spark.packages:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _manifest(ivy_dir: Path, packages: list[str]) -> Path:
+    # One manifest per package set: adding hadoop-aws resolves once more (its own jar list),
+    # and dropping it again goes back to the Delta-only list.
+    return ivy_dir / ("movierec-jars-" + "+".join(p.replace(":", "_") for p in packages) + ".txt")
 
 
 def cached_delta_jars(cfg: Config) -> list[str] | None:
+    """The resolved jar files of Delta (and spark.packages) from an earlier run, or None."""
     ivy_dir = Path(os.path.expanduser(cfg.spark.ivy_dir))
-    m = _manifest(ivy_dir, cfg.spark.delta_package)
+    m = _manifest(ivy_dir, _packages(cfg))
     if not m.is_file():
         return None
     jars = [j for j in m.read_text().split() if j]
@@ -52,7 +64,36 @@ def _record_delta_jars(spark: SparkSession, cfg: Config) -> None:
     jars = spark.sparkContext.getConf().get("spark.jars", "")
     ivy_dir = Path(os.path.expanduser(cfg.spark.ivy_dir))
     if jars and "delta-spark" in jars:
-        _manifest(ivy_dir, cfg.spark.delta_package).write_text("\n".join(jars.split(",")) + "\n")
+        _manifest(ivy_dir, _packages(cfg)).write_text("\n".join(jars.split(",")) + "\n")
+
+
+# What each object store needs on the classpath (hadoop-client 3.5.0 ships with pyspark 4.2; the
+# connector's version must match it). The schemes Hadoop itself serves need nothing.
+STORE_PACKAGES = {
+    "s3a": "org.apache.hadoop:hadoop-aws:3.5.0",
+    "abfs": "org.apache.hadoop:hadoop-azure:3.5.0",
+    "abfss": "org.apache.hadoop:hadoop-azure:3.5.0",
+    "gs": "com.google.cloud.bigdataoss:gcs-connector:hadoop3-2.2.26 (shaded jar)",
+}
+
+
+def check_filesystems(spark: SparkSession, paths: list[str | None]) -> None:
+    """Fail at start, with the package to add, when a path's scheme has no Hadoop filesystem."""
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    for path in paths:
+        if not path or "://" not in path:
+            continue
+        scheme = path.split("://", 1)[0].lower()
+        try:
+            jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(scheme, conf)
+        except Exception as e:  # UnsupportedFileSystemException, or ClassNotFound for the connector
+            need = STORE_PACKAGES.get(scheme)
+            hint = (f"add spark.packages: [\"{need.split(' ')[0]}\"] to the config (or --packages to "
+                    "spark-submit) and the store's credentials (README, 'Object storage')"
+                    if need else "no Hadoop filesystem is known for it")
+            raise SparkSetupError(f"{path}: cannot use {scheme}:// here: {hint}. "
+                                  f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
@@ -96,8 +137,9 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         if jars:
             settings["spark.jars"] = ",".join(jars)
         else:
-            log.info("resolving %s through Ivy (first run; cached afterwards)", cfg.spark.delta_package)
-            settings["spark.jars.packages"] = cfg.spark.delta_package
+            packages = _packages(cfg)
+            log.info("resolving %s through Ivy (first run; cached afterwards)", ", ".join(packages))
+            settings["spark.jars.packages"] = ",".join(packages)
     settings.update(cfg.spark.conf)
     if submitted:
         # What was submitted wins: only fill in settings the user left unset.
@@ -125,6 +167,7 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         ) from e
     if not submitted and not cached_delta_jars(cfg):
         _record_delta_jars(spark, cfg)
+    check_filesystems(spark, [cfg.paths.warehouse, cfg.paths.input, cfg.checkpoint_dir])
     spark.sparkContext.setCheckpointDir(cfg.checkpoint_dir)
     if submitted:
         # Delta's extension is a static setting: if it was not submitted, say so clearly now

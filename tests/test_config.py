@@ -101,3 +101,39 @@ def test_cluster_config_is_valid(tmp_path):
     cfg = load_config(Path(__file__).parent.parent / "conf" / "cluster.yaml",
                       {"paths.warehouse": str(tmp_path / "wh")})
     assert cfg.spark.shuffle_partitions == 64
+
+
+def test_set_spark_conf_key_keeps_its_dots(tmp_path):
+    """Spark's keys are dotted: --set spark.conf.<key>=v sets that one key, as a string."""
+    o = _parse_set(["spark.conf.spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000",
+                    "spark.conf.spark.hadoop.fs.s3a.path.style.access=true", "spark.packages=[\"g:a:1\"]"])
+    cfg = load_config(None, {"paths.warehouse": str(tmp_path / "wh"), **o})
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9000"
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert cfg.spark.packages == ["g:a:1"]
+
+
+def test_jar_manifest_is_per_package_set(tmp_path):
+    from movierec_spark.session import _manifest, _packages
+
+    plain = load_config(None, {"paths.warehouse": str(tmp_path / "wh")})
+    s3 = load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "spark.packages": ["org.apache.hadoop:hadoop-aws:3.5.0"]})
+    assert _packages(plain) == [plain.spark.delta_package]
+    assert _packages(s3) == [s3.spark.delta_package, "org.apache.hadoop:hadoop-aws:3.5.0"]
+    # The Delta-only manifest keeps its old name, so existing caches stay valid.
+    assert _manifest(tmp_path, _packages(plain)).name == "movierec-jars-" + plain.spark.delta_package.replace(":", "_") + ".txt"
+    assert _manifest(tmp_path, _packages(s3)) != _manifest(tmp_path, _packages(plain))
+
+
+def test_als_candidate_needs_its_top_n(tmp_path):
+    with pytest.raises(ConfigError, match="als.top_n"):
+        load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "als.top_n": False,
+                           "hybrid.candidate_models": ["als", "popularity"]})
+    with pytest.raises(ConfigError, match="feature_threads"):
+        load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "hybrid.feature_threads": 0})
+
+
+def test_scale_config_is_valid(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parent.parent / "conf" / "scale.yaml",
+                      {"paths.warehouse": str(tmp_path / "wh")})
+    assert cfg.als.top_n is False and "als" not in cfg.hybrid.candidate_models

@@ -83,6 +83,31 @@ def test_csv_layout_values(spark, tmp_path):
     assert read(spark, cfg, "movies").schema["genres"].dataType.simpleString() == "array<string>"
 
 
+def test_uri_input_goes_through_hadoop_filesystem(spark, tmp_path):
+    """A URI input (here file://, the same code path as s3a:// or abfss://) is listed, sniffed
+    and read through Hadoop's FileSystem API: same layout, same rows as the local path."""
+    from movierec_spark.fs import HadoopPath
+
+    movies = "1::Toy Story (1995)::Animation\n2::Misérables, Les (1995)::Drama\n"
+    write_files(tmp_path / "in" / "ml-1m", {
+        "movies.dat": movies.encode("iso-8859-1"),
+        "ratings.dat": "1::1::5::978300760\n1::2::3::978302109\n2::2::4::978301968\n",
+        "users.dat": "1::F::1::10::48067\n2::M::56::16::70072\n",
+    })
+    uri = (tmp_path / "in").as_uri()  # the parent: the data directory is found one level down
+    p = HadoopPath(uri, spark)
+    assert p.is_dir() and not p.is_file() and (p / "ml-1m" / "movies.dat").size() == len(movies.encode("iso-8859-1"))
+    layout = detect_layout(uri)
+    assert (layout.name, layout.files["movies"].encoding) == ("dat", "ISO-8859-1")
+    assert layout.files["ratings"].path.startswith("file:")
+    cfg = make_config(tmp_path / "wh")
+    summary = ingest(spark, cfg, uri, "r1", now=NOW)
+    assert summary["ratings.dat"]["loaded"] == 3
+    assert rows(read(spark, cfg, "movies"), "movieId", "title") == [(1, "Toy Story (1995)"), (2, "Misérables, Les (1995)")]
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ingest(spark, cfg, (tmp_path / "nowhere").as_uri(), "r2", now=NOW)
+
+
 def test_ml1m_dat_layout_latin1(spark, tmp_path):
     cfg = make_config(tmp_path / "wh")
     movies = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Misérables, Les (1995)::Drama\n"
