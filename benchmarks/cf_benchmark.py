@@ -58,17 +58,18 @@ def main() -> int:
             "als.tune": args.tune, **_parse_set(args.set)}
     cfg = load_config(None, base)
     spark = build_spark(cfg, app_name="cf-benchmark")
-    run_pipeline(spark, cfg, args.input, stages=["ingest"], run_id="ingest")
+    # Fresh run ids, as `movierec run` mints them (per-run rows are appended, not replaceWhere'd).
+    run_pipeline(spark, cfg, args.input, stages=["ingest"])
 
     print(f"\n## Random 80/20, seed {cfg.pipeline.seed}: rating prediction on {args.input}")
-    ctx = run_pipeline(spark, cfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"], run_id="random")
-    metric_table(spark, cfg.paths.warehouse, "random", ["global_mean", "bias_baseline", "als", "content"], ["rmse", "mae"], None)
+    ctx = run_pipeline(spark, cfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"])
+    metric_table(spark, cfg.paths.warehouse, ctx.run_id, ["global_mean", "bias_baseline", "als", "content"], ["rmse", "mae"], None)
     print(f"(als fell back to the bias baseline for {ctx.results['als']['fallbacks']} test pairs)")
 
     scfg = load_config(None, {**base, "split.method": "stratified", "split.test_ratio": 0.25})
     print("\n## Per-user stratified 75/25: top-10 ranking (all held-out movies relevant)")
-    ctx = run_pipeline(spark, scfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"], run_id="stratified")
-    metric_table(spark, cfg.paths.warehouse, "stratified", ["popularity", "als", "als_implicit", "content"],
+    ctx = run_pipeline(spark, scfg, args.input, stages=["split", "baselines", "als", "als_implicit", "content", "evaluate"])
+    metric_table(spark, cfg.paths.warehouse, ctx.run_id, ["popularity", "als", "als_implicit", "content"],
                  ["precision", "recall", "ndcg", "map", "coverage", "diversity"], 10)
     als_seconds = ctx.stage_seconds["als"]
 

@@ -49,12 +49,13 @@ def main() -> int:
             continue
         c = load_config(args.config, {**base, **extra})
         t0 = time.perf_counter()
-        ctx = run_pipeline(spark, c, args.input, stages=stages, run_id=name)
+        # A fresh run id, as `movierec run` mints it (per-run rows are appended).
+        ctx = run_pipeline(spark, c, args.input, stages=stages)
         wall = time.perf_counter() - t0
         print(f"\n## {name} split ({c.split.method}, test ratio {c.split.test_ratio}, seed {c.pipeline.seed}) on {args.input}")
-        metric_table(spark, wh, name, ["global_mean", "bias_baseline", "als", "content", "hybrid"], ["rmse", "mae", "mape"], None)
+        metric_table(spark, wh, ctx.run_id, ["global_mean", "bias_baseline", "als", "content", "hybrid"], ["rmse", "mae", "mape"], None)
         print()
-        metric_table(spark, wh, name, ["popularity", "als_implicit", "content", "hybrid"],
+        metric_table(spark, wh, ctx.run_id, ["popularity", "als_implicit", "content", "hybrid"],
                      ["precision", "recall", "ndcg", "map", "coverage", "novelty", "diversity"], 10)
         print("\nseconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in ctx.stage_seconds.items()))
         print(f"whole run: {wall:.1f} s (stages sum {sum(ctx.stage_seconds.values()):.1f} s)")

@@ -165,7 +165,8 @@ def _score_all(model: ALSModel, users: DataFrame) -> DataFrame:
     uf = model.userFactors.join(users.select(F.col("userId").alias("id")), "id").select(
         F.col("id").alias("userId"), F.col("features").alias("u"))
     itf = model.itemFactors.select(F.col("id").alias("movieId"), F.col("features").alias("v"))
-    dot = F.aggregate(F.zip_with("u", "v", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+    # Spelled out per dimension: generated code, where zip_with/aggregate lambdas are interpreted row by row.
+    dot = sum(F.col("u")[i] * F.col("v")[i] for i in range(model.rank))
     return uf.crossJoin(F.broadcast(itf)).select("userId", "movieId", dot.alias("s"))
 
 

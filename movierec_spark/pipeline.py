@@ -54,8 +54,9 @@ class RunContext:
     shared: dict[str, object] = field(default_factory=dict)
     # Set by a stage when the rest of the run has nothing to do (an unchanged incremental input).
     stop_reason: str | None = None
-    # A freshly minted run id cannot have rows yet: its bookkeeping rows are blind appends
-    # (about 1 s cheaper per write than a MERGE or replaceWhere on this machine).
+    # A freshly minted run id cannot have rows yet: its bookkeeping rows and its per-run outputs
+    # (predictions, top_n, metrics, ...) are blind appends (about 1 s cheaper per write than a
+    # MERGE or replaceWhere on this machine).
     fresh: bool = False
 
     def memo(self, key: str, build: Callable[[], object]):
@@ -148,6 +149,10 @@ def validate_stages(names: list[str]) -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; registered: {sorted(STAGES)}")
+    # A fresh run appends its per-run rows (RunContext.fresh): a stage run twice would write them twice.
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PipelineError(f"stage(s) {repeated} listed more than once; each stage runs once per run")
 
 
 def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stages: list[str] | None = None,

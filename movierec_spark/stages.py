@@ -148,14 +148,16 @@ def _scale(ctx: RunContext) -> tuple[float, float]:
 def _write_predictions(ctx: RunContext, model: str, preds) -> None:
     df = preds.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"),
                       "userId", "movieId", "rating", "prediction")
-    tables.replace_where(ctx.spark, df, ctx.warehouse, "predictions", {"run_id": ctx.run_id, "model": model})
+    tables.replace_where(ctx.spark, df, ctx.warehouse, "predictions", {"run_id": ctx.run_id, "model": model},
+                         fresh=ctx.fresh)
 
 
 def _write_top_n(ctx: RunContext, model: str, recs) -> None:
     because = F.col("because_movieId") if "because_movieId" in recs.columns else F.lit(None).cast("int")
     top = recs.select(F.lit(ctx.run_id).alias("run_id"), F.lit(model).alias("model"), "userId", "rank", "movieId",
                       "score", because.alias("because_movieId"))
-    tables.replace_where(ctx.spark, top, ctx.warehouse, "top_n", {"run_id": ctx.run_id, "model": model})
+    tables.replace_where(ctx.spark, top, ctx.warehouse, "top_n", {"run_id": ctx.run_id, "model": model},
+                         fresh=ctx.fresh)
 
 
 def predefined_split(ctx: RunContext):
@@ -257,12 +259,12 @@ def als_stage(ctx: RunContext) -> dict:
     jobs = {"predict": predictions, "user_factors": factors("user"), "item_factors": factors("item")}
     if cfg.als.top_n:
         jobs["top_n"] = top_n
-    _concurrently(jobs, out)
+    _concurrently(spark, jobs, out)
     lap("outputs")
     return out
 
 
-def _concurrently(jobs: dict, out: dict) -> None:
+def _concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
     """Run independent Spark actions from threads; record each one's seconds in out; re-raise the first error."""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -276,7 +278,7 @@ def _concurrently(jobs: dict, out: dict) -> None:
 
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="stage") as pool:
         # Wrapped so the jobs keep the stage's job group (a plain thread starts without it).
-        futures = [pool.submit(inheritable_thread_target(timed), name, fn) for name, fn in jobs.items()]
+        futures = [pool.submit(inheritable_thread_target(spark)(timed), name, fn) for name, fn in jobs.items()]
         for f in futures:
             f.result()
 
@@ -308,12 +310,18 @@ def als_implicit_stage(ctx: RunContext) -> dict:
     return out
 
 
+def _pool_length(cfg) -> int:
+    """How long a candidate list per model the learned ranker takes: the pool, at least max(ks)."""
+    return max(cfg.hybrid.candidate_pool, max(cfg.evaluation.ks))
+
+
 def _implicit_pool(cfg) -> int | None:
-    """How long a list of implicit ALS the learned ranker takes (None: no learned ranker)."""
+    """How long a list of implicit ALS the als_implicit stage keeps for the learned ranker
+    (None: no learned ranker in this run)."""
     h = cfg.hybrid
     if h.ranker != "learned" or "als_implicit" not in h.candidate_models or "recommend" not in cfg.pipeline.stages:
         return None
-    return max(h.candidate_pool, max(cfg.evaluation.ks))
+    return _pool_length(cfg)
 
 
 @stage("evaluate")
@@ -346,7 +354,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
     df = frames[0]
     for f in frames[1:]:
         df = df.unionByName(f)
-    tables.replace_where(spark, df, wh, "metrics", {"run_id": run})
+    tables.replace_where(spark, df, wh, "metrics", {"run_id": run}, fresh=ctx.fresh)
     out = {}
     for model, rows in rows_by_model.items():
         for metric, k, value in rows:
@@ -472,7 +480,7 @@ def features_stage(ctx: RunContext) -> dict:
         # inheritable_thread_target: the pass's jobs keep this stage's job group (the scale
         # harness and the kill test attribute jobs by it).
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
-            results = list(pool.map(inheritable_thread_target(run_pass), passes))
+            results = list(pool.map(inheritable_thread_target(spark)(run_pass), passes))
     else:
         results = [run_pass(p) for p in passes]
     for p, feats in zip(passes, results):
@@ -505,7 +513,7 @@ def hybrid_stage(ctx: RunContext) -> dict:
     model.write().overwrite().save(_model_path(ctx, "hybrid"))
     imp = spark.createDataFrame([(ctx.run_id, f, float(v)) for f, v in importances],
                                 tables.TABLE_SCHEMAS["feature_importances"])
-    tables.replace_where(spark, imp, wh, "feature_importances", {"run_id": ctx.run_id})
+    tables.replace_where(spark, imp, wh, "feature_importances", {"run_id": ctx.run_id}, fresh=ctx.fresh)
     return {"top_features": [f for f, _ in importances[:5]]}
 
 
@@ -526,7 +534,7 @@ def _learned_scores(ctx: RunContext):
     h = cfg.hybrid
     models, seed = h.candidate_models, cfg.pipeline.seed
     n = max(cfg.evaluation.ks)
-    pool = max(h.candidate_pool, n)  # as _implicit_pool
+    pool = _pool_length(cfg)
     train, _ = _split_frames(ctx)
     times = (tables.read_table(spark, wh, "rating_splits").where(F.col("split") == "train")
              .select("userId", "movieId", "rated_at"))
@@ -628,7 +636,7 @@ def recommend_stage(ctx: RunContext) -> dict:
     recs = ranked.where(F.col("rank") <= n).select(*cold_recs.columns).unionByName(cold_recs).select(
         F.lit(run).alias("run_id"), "*")
     n_cold = cold.count()
-    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run})
+    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
     users = ranked.select("userId").distinct().count()
     short = ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()
     # Written last: `ranked` descends from this run's top_n rows, and a write to top_n makes

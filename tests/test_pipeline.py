@@ -37,6 +37,9 @@ def test_unknown_stage_fails_before_work(spark, tmp_path):
     cfg = make_config(tmp_path / "wh")
     with pytest.raises(PipelineError, match="unknown stage"):
         run_pipeline(spark, cfg, None, stages=["ingest", "nope"])
+    # A fresh run appends its per-run rows: a stage listed twice would write them twice.
+    with pytest.raises(PipelineError, match=r"\['split'\] listed more than once"):
+        run_pipeline(spark, cfg, None, stages=["ingest", "split", "baselines", "split"])
     assert not tables.table_exists(spark, tables.table_path(cfg.paths.warehouse, "runs"))
 
 
