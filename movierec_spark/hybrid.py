@@ -35,8 +35,11 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple
             log.info("hybrid: GBT trained on a %.1f%% hash sample of %d rows", 100 * frac, n)
     gbt = GBTRegressor(featuresCol="x", labelCol="label", predictionCol="raw", maxIter=cfg.max_iter,
                        maxDepth=cfg.max_depth, stepSize=cfg.step_size, subsamplingRate=cfg.subsample,
-                       minInstancesPerNode=cfg.min_instances_per_node, seed=seed, cacheNodeIds=True,
-                       checkpointInterval=10)
+                       minInstancesPerNode=cfg.min_instances_per_node, seed=seed,
+                       # Node-id caching pays off for deep trees; for these (depth 5) it cost
+                       # time: on ml-latest-small the 80-tree fit took 30.6 s with it and 22.2 s
+                       # without, same RMSE (0.8329).
+                       cacheNodeIds=False, checkpointInterval=10)
     model = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="x", handleInvalid="keep"), gbt]).fit(
         data.cache())
     imp = model.stages[-1].featureImportances.toArray()
