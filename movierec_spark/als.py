@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from pyspark import SparkContext
 from pyspark.ml.evaluation import RegressionEvaluator
 from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.ml.tuning import ParamGridBuilder, TrainValidationSplit
@@ -47,8 +48,11 @@ def als_blocks(cfg: AlsConfig | ImplicitAlsConfig) -> int:
     """
     if cfg.num_blocks:
         return int(cfg.num_blocks)
-    active = SparkSession.getActiveSession()
-    return max(2, active.sparkContext.defaultParallelism) if active is not None else 10
+    # The process's SparkContext, not SparkSession.getActiveSession(): the active session is
+    # per thread, so a fit from a worker thread (hybrid.feature_threads > 1) saw none, fell back
+    # to 10 blocks and fitted a different model than the same pass run on the main thread.
+    sc = SparkContext._active_spark_context
+    return max(2, sc.defaultParallelism) if sc is not None else 10
 
 
 def with_residual(train: DataFrame, bias: BiasModel) -> DataFrame:

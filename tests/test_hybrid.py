@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -170,8 +171,11 @@ def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
     dt = DeltaTable.forPath(spark, tables.table_path(wh, "rating_splits"))
     new = 0.5 if before.label > 2.5 else 5.0
     dt.update(f"userId = {u} AND movieId = {m}", {"rating": F.lit(new)})
-    # (Runs last in this module: it leaves the changed rating and features behind.)
-    run_pipeline(spark, cfg, None, stages=["features"], run_id="hy-changed")
+    # (Runs last in this module: it leaves the changed rating and features behind.) Rebuilt with
+    # two feature threads, so the passes-side-by-side path is held to the same values as the
+    # one-at-a-time path that built `before`.
+    threaded = dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, feature_threads=2))
+    run_pipeline(spark, threaded, None, stages=["features"], run_id="hy-changed")
     after = tables.read_table(spark, wh, "features").where(f"userId = {u} AND movieId = {m} AND split = 'train'").first()
     assert after.label == new  # the label moved...
     for c in FEATURES:  # ...its features did not (float tolerance for ALS's summation order)
