@@ -190,7 +190,8 @@ class HybridConfig:
     test_features: str = "auto"
     # Feature passes (one per out-of-fold fold, plus the test pass) computed side by side. 1:
     # two threads made the stage slower on this 2-core machine (ml-latest-small: 117.4 s against
-    # 97.0 s one pass at a time), and each pass's caches add to the heap.
+    # 97.0 s one pass at a time; measured while threaded passes still fitted ALS with 10 blocks,
+    # since fixed), and each pass's caches add to the heap.
     feature_threads: int = 1
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).
