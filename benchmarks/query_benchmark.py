@@ -74,6 +74,7 @@ def recs_table(users: int, movies: int, k: int, rng: np.random.Generator) -> pa.
         "score": np.round(5 - np.tile(np.arange(k), users) * 0.1 + rng.random(n) * 0.05, 4),
         "source": np.where(content, "content", "hybrid"),
         "because_movieId": because,
+        "predicted_rating": np.round(2.5 + rng.random(n) * 2.5, 3),
     })
 
 
@@ -106,6 +107,7 @@ def build(wh: Path, users: int, movies: int, ratings: int, layout: str, seed: in
         write(wh, "recommendations", recs, writer_properties=WriterProperties(max_row_group_size=1 << 17))
     n = movies * 10
     write(wh, "similar_movies", pa.table({
+        "run_id": pa.array([LATEST] * n),
         "movieId": np.repeat(np.arange(1, movies + 1, dtype=np.int32), 10),
         "similar_movieId": rng.integers(1, movies + 1, n, dtype=np.int32),
         "rank": np.tile(np.arange(1, 11, dtype=np.int32), movies),
@@ -113,6 +115,7 @@ def build(wh: Path, users: int, movies: int, ratings: int, layout: str, seed: in
     write(wh, "runs", [{"run_id": r, "started_at": dt.datetime(2024, 5, d, 9, tzinfo=dt.timezone.utc),
                         "finished_at": dt.datetime(2024, 5, d, 9, 40, tzinfo=dt.timezone.utc), "status": s,
                         "input": "generated", "config": "{}", "error": None if s != "failed" else "killed",
+                        "kind": "serve",
                         "stage_seconds": [("ingest", 120.0 + d), ("split", 30.0), ("als", 600.0 + 10 * d),
                                           ("content", 200.0), ("features", 150.0), ("hybrid", 300.0),
                                           ("recommend", 90.0), ("evaluate", 240.0)]}

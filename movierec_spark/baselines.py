@@ -78,14 +78,15 @@ def popularity(train: DataFrame) -> DataFrame:
     return train.groupBy("movieId").agg(F.count(F.lit(1)).alias("n_ratings")).withColumn("pop_rank", F.row_number().over(w))
 
 
-def popularity_top_n(train: DataFrame, n: int) -> DataFrame:
-    """Per user, the n most popular movies they did not rate in train: userId, movieId, rank, score.
+def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) -> DataFrame:
+    """Per user, the n most popular movies (by train) they did not rate: userId, movieId, rank, score.
 
-    Each user needs at most n + (movies they rated) candidates from the popularity order, so a
-    range join on pop_rank gives sum(n + n_u) rows: linear in the data, no user x catalog product.
+    The users and what they rated come from `seen` (default: train itself). Each user needs at
+    most n + (movies they rated) candidates from the popularity order, so a range join on
+    pop_rank gives sum(n + n_u) rows: linear in the data, no user x catalog product.
     """
     pop = popularity(train)
-    seen = train.select("userId", "movieId")
+    seen = (train if seen is None else seen).select("userId", "movieId")
     users = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
     cand = users.join(pop, on=F.col("pop_rank") <= F.col("n_u") + n, how="inner").select(
         "userId", "movieId", "pop_rank", "n_ratings"

@@ -42,7 +42,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _add_common(p: argparse.ArgumentParser, need_input: bool = False) -> None:
-    p.add_argument("--config", help="pipeline config YAML (default conf/local.yaml)")
+    p.add_argument("--config", help="pipeline config YAML (default: the packaged movierec_spark/conf/local.yaml)")
     p.add_argument("--input", required=need_input, help="MovieLens directory or GroupLens .zip")
     p.add_argument("--warehouse", help="Delta warehouse directory or URI (overrides paths.warehouse)")
     p.add_argument("--master", help="Spark master (overrides spark.master; ignored under spark-submit)")
@@ -65,6 +65,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "ingest.incremental": True if getattr(args, "incremental", False) else None,
     }
     overrides.update(_parse_set(getattr(args, "set", [])))
+    # `movierec evaluate`, and a predefined test part (--train/--test), run the held-out protocol.
+    if getattr(args, "command", None) == "evaluate":
+        overrides["pipeline.mode"] = "evaluate"
+    elif getattr(args, "train", None) and "pipeline.mode" not in overrides:
+        overrides["pipeline.mode"] = "evaluate"
     cfg = load_config(getattr(args, "config", None), overrides)
     log.info("config from %s: %s", cfg.source, cfg.to_json())
     return cfg
@@ -74,18 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="movierec", description="MovieLens recommender on Spark + Delta Lake")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the pipeline (stages from pipeline.stages)")
-    _add_common(p)
-    p.add_argument("--stages", help="comma-separated stages to run instead of pipeline.stages")
-    ids = p.add_mutually_exclusive_group()
-    ids.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
-    ids.add_argument("--resume", metavar="RUN_ID",
-                     help="continue an unfinished (failed or killed) run: skip its finished stages, same config")
-    p.add_argument("--train", help="predefined training ratings file (u1.base, .dat, CSV); needs --test")
-    p.add_argument("--test", help="predefined test ratings file; replaces the configured splitter")
-    p.add_argument("--incremental", action="store_true",
-                   help="--input holds new and changed rows only: MERGE them into the warehouse, retrain, "
-                        "rewrite outputs; stop after ingest when nothing changed")
+    for name, what in (("run", "serve run: learn from every rating and write the recommendations `latest` "
+                                "points at (stages from pipeline.stages)"),
+                       ("evaluate", "evaluate run: hold out a test part (split.* or --train/--test) and write "
+                                     "predictions, top_n and metrics; never touches recommendations")):
+        p = sub.add_parser(name, help=what)
+        _add_common(p)
+        p.add_argument("--stages", help="comma-separated stages to run instead of pipeline.stages")
+        ids = p.add_mutually_exclusive_group()
+        ids.add_argument("--run-id", help="rerun under a given run id (idempotent per-run outputs)")
+        ids.add_argument("--resume", metavar="RUN_ID",
+                         help="continue an unfinished (failed or killed) run: skip its finished stages, same config")
+        p.add_argument("--train", help="predefined training ratings file (u1.base, .dat, CSV); needs --test; "
+                                       "implies an evaluate run")
+        p.add_argument("--test", help="predefined test ratings file; replaces the configured splitter")
+        p.add_argument("--incremental", action="store_true",
+                       help="--input holds new and changed rows only: MERGE them into the warehouse, retrain, "
+                            "rewrite outputs; stop after ingest when nothing changed")
 
     p = sub.add_parser("ingest", help="ingest a MovieLens dataset into Delta tables")
     _add_common(p, need_input=True)
@@ -261,6 +271,12 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     print(f"{'table':<22}{'files before':>13}{'after':>7}{'vacuumed':>10}  z-order")
     for r in rows:
         print(f"{r['table']:<22}{r['files_before']:>13}{r['files_after']:>7}{str(r['vacuumed']):>10}  {r['zorder']}")
+    p = getattr(rows, "pruned", None)
+    if p is not None:
+        print(f"pruned runs finished over {p['retain_hours']:g} h ago: {', '.join(p['runs']) or 'none'}; "
+              f"model dirs removed: {len(p['model_dirs'])}; rows deleted: "
+              + (", ".join(f"{t} {n:,}" for t, n in p["rows"].items()) or "none")
+              + (f"; kept because `latest` points at them: {', '.join(p['kept'])}" if p["kept"] else ""))
     return 0
 
 
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     from .session import SparkSetupError
 
     try:
-        if args.command in ("run", "ingest"):
+        if args.command in ("run", "evaluate", "ingest"):
             return cmd_run(args, ["ingest"] if args.command == "ingest" else None)
         return {"download": cmd_download, "generate": cmd_generate, "setup": cmd_setup,
                 "maintain": cmd_maintain}[args.command](args)

@@ -8,12 +8,15 @@ YAML is parsed with ``safe_load`` only: a config file must never construct Pytho
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,25 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-# The repo's conf/ directory, so `movierec run` works from a checkout without --config.
+# The default settings are package data (movierec_spark/conf/), read with importlib.resources:
+# they load wherever the package is imported from, also from a wheel or zip on spark-submit's
+# --py-files, where no conf/ directory exists beside it (cluster deploy mode has no local files at
+# all). In a checkout, conf/local.yaml and conf/log4j2.properties are links to them.
+# Both names are relative to the package, and the same names relative to the repo root.
+DEFAULT_CONFIG = "conf/local.yaml"
+DEFAULT_LOG4J = "conf/log4j2.properties"
+# A checkout's root (the package's parent): relative paths in a config are tried there too.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PACKAGE_ROOT / "conf" / "local.yaml"
 
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
 
 
 SPLIT_METHODS = ("random", "stratified", "temporal_global", "temporal_user")
+
+# serve: every model learns from all the ratings and the run writes `recommendations` (what
+# `latest` points at). evaluate: a test part is held out and the run writes predictions, top_n
+# and metrics only.
+RUN_MODES = ("serve", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -43,8 +57,10 @@ class SparkConfig:
     shuffle_partitions: int = 8
     ui_enabled: bool = False
     show_progress: bool = True
-    # log4j2 properties file; relative paths are resolved against the repo/config location.
-    log4j_config: str = "conf/log4j2.properties"
+    # log4j2 properties file. The default, conf/log4j2.properties, is the working directory's file
+    # of that name if there is one, else the packaged movierec_spark/conf/log4j2.properties (see
+    # resolve_log4j); other relative paths are tried against the working directory, then the repo.
+    log4j_config: str = DEFAULT_LOG4J
     # A project-owned Ivy cache: Delta's jars are resolved into it once and reused offline, and
     # stray poms in ~/.m2 cannot break resolution.
     ivy_dir: str = "~/.cache/movierec/ivy"
@@ -209,6 +225,16 @@ class HybridConfig:
     min_instances_per_node: int = 20
     # Train the GBT on at most this many out-of-fold rows (a hash sample; null = all).
     max_train_rows: int | None = 2_000_000
+    # Share of the GBT's out-of-fold rows (a hash of user, movie, seed) it does not train on:
+    # their RMSE/MAE are the run's validation metrics (the only rating-quality signal a serve
+    # run, which has no test part, can give). 0 = train on every row, no validation figures.
+    validation_fraction: float = 0.1
+    # Early stopping on those rows (MLlib's validationIndicatorCol and validationTol: stop when
+    # their error improves by less than this share); null = all max_iter trees. Chosen on the
+    # validation rows of an ml-latest-small random 80/20 train part (benchmarks/gbt_stopping.py):
+    # 0.001 stopped at 11 trees (validation RMSE 0.8459), 1e-4, 1e-5 and 0 at 25 (0.8415, the
+    # first uptick of a noisy curve), no stopping 80 trees 0.8381. So null.
+    validation_tol: float | None = None
     # Final recommendations: candidates are these models' top-N lists of this run (train
     # movies already excluded), rescored by the hybrid.
     candidate_models: list[str] = field(default_factory=lambda: ["als_implicit", "content", "popularity"])
@@ -231,6 +257,10 @@ class HybridConfig:
     ranker_max_users: int | None = 20_000
     ranker_max_iter: int = 30
     ranker_max_depth: int = 4
+    # Share of the ranker's users (a hash of the user and seed) whose candidates it does not
+    # train on: its final lists for them, scored against their held-out fold, are the run's
+    # validation ranking metrics. 0 = no validation figures.
+    ranker_validation_users: float = 0.2
 
 
 @dataclass
@@ -245,6 +275,9 @@ class EvaluationConfig:
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["ingest"])
     seed: int = 42
+    # serve (learn from every rating, write recommendations) or evaluate (held-out test part);
+    # `movierec evaluate` and --train/--test set evaluate.
+    mode: str = "serve"
 
 
 @dataclass
@@ -378,16 +411,28 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     check_paths: bool = True,
 ) -> Config:
-    """Load YAML (default conf/local.yaml), apply dotted overrides, validate.
+    """Load YAML (default: the packaged movierec_spark/conf/local.yaml), apply dotted overrides,
+    validate.
 
     `overrides` maps dotted keys (``paths.warehouse``) to values, e.g. from CLI flags;
     None values are ignored so argparse defaults do not clobber the file.
     """
-    cfg_path = Path(path) if path else DEFAULT_CONFIG
-    if not cfg_path.is_file():
-        raise ConfigError(f"config file not found: {cfg_path}")
+    if path:
+        cfg_path = Path(path)
+        if not cfg_path.is_file():
+            raise ConfigError(f"config file not found: {cfg_path}")
+        text = cfg_path.read_text(encoding="utf-8")
+    else:
+        resource = package_resource(DEFAULT_CONFIG)
+        # For messages and cfg.source only: inside a zip this is <archive>/movierec_spark/conf/...
+        cfg_path = Path(str(resource))
+        try:
+            text = resource.read_text(encoding="utf-8")
+        except (OSError, KeyError):  # a zip raises KeyError for a missing member
+            raise ConfigError(f"default config not found in the package: {cfg_path} (movierec_spark was "
+                              "installed without its package data; reinstall it or pass --config)") from None
     try:
-        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{cfg_path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -408,12 +453,80 @@ def resolve_local(p: str, base: Path) -> Path:
     path = Path(os.path.expanduser(p))
     if path.is_absolute():
         return path
-    # Relative conf paths are tried against the working directory, then the repo root, so the
-    # packaged default works from anywhere.
+    # Relative conf paths are tried against the working directory, then the repo root.
     for root in (Path.cwd(), base):
         if (root / path).exists():
             return (root / path).resolve()
     return (Path.cwd() / path).resolve()
+
+
+def package_resource(name: str) -> Any:
+    """A file of the package's data (``conf/local.yaml``) as an importlib.resources Traversable:
+    a Path when the package is a directory, a zipfile.Path inside a wheel or zip."""
+    res = resources.files(__package__ or "movierec_spark")
+    for part in name.split("/"):
+        res = res / part
+    return res
+
+
+def _cache_dirs() -> list[Path]:
+    dirs = []
+    home = os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or (os.path.join(home, ".cache") if home != "~" else "")
+    if os.path.isabs(cache):
+        dirs.append(Path(cache) / "movierec" / "package-data")
+    # For users without a writable home (the Spark image's user has /nonexistent); per user, as
+    # the temp directory is shared.
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    dirs.append(Path(tempfile.gettempdir()) / f"movierec-{user}" / "package-data")
+    return dirs
+
+
+def package_file(name: str) -> Path:
+    """A real file with the content of package data `name`, for what needs a path (log4j's
+    -Dlog4j.configurationFile=file:...): the package's own file when it is on the filesystem, else
+    (imported from a zip or wheel) a copy under ~/.cache/movierec/package-data/, named by its
+    content hash so versions and concurrent processes do not collide."""
+    res = package_resource(name)
+    if isinstance(res, Path):
+        return res.resolve()
+    data = res.read_bytes()
+    stem, _, suffix = Path(name).name.partition(".")
+    fname = f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.{suffix}"
+    for d in _cache_dirs():
+        target = d / fname
+        try:
+            if target.is_file() and target.read_bytes() == data:
+                return target
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{fname}.")
+        except OSError as e:
+            log.debug("cannot write %s: %s", target, e)
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)  # atomic: a concurrent reader sees the whole file or none
+            return target
+        except OSError as e:
+            log.debug("cannot write %s: %s", target, e)
+            Path(tmp).unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"movierec-{stem}-", suffix=f".{suffix}")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(tmp)
+
+
+def resolve_log4j(p: str) -> Path:
+    """The log4j2 file for spark.log4j_config. The default name (conf/log4j2.properties) is the
+    working directory's file of that name if it has one (a checkout's root: the link to the
+    packaged file), else the packaged default itself, extracted to a real file when the package is
+    imported from a zip; any other path resolves like the config's other local paths."""
+    if p == DEFAULT_LOG4J:
+        own = Path.cwd() / p
+        return own.resolve() if own.is_file() else package_file(DEFAULT_LOG4J)
+    return resolve_local(p, PACKAGE_ROOT)
 
 
 # Models whose top-N lists can feed the final recommendations' candidate pool.
@@ -456,6 +569,15 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
     if total_mb and mem_mb > total_mb:
         raise bad(f"spark.driver_memory {cfg.spark.driver_memory} is more than this machine's "
                   f"{total_mb / 1024:.0f} GiB of memory")
+    if cfg.pipeline.mode not in RUN_MODES:
+        raise bad(f"pipeline.mode must be one of {', '.join(RUN_MODES)}, got {cfg.pipeline.mode!r}")
+    if cfg.split.train_file and cfg.pipeline.mode != "evaluate":
+        raise bad("split.train_file/test_file (--train/--test) give a held-out test part: they need "
+                  "pipeline.mode evaluate (movierec evaluate)")
+    if not 0.0 <= cfg.hybrid.validation_fraction < 1.0:
+        raise bad(f"hybrid.validation_fraction must be within [0, 1), got {cfg.hybrid.validation_fraction}")
+    if not 0.0 <= cfg.hybrid.ranker_validation_users < 1.0:
+        raise bad(f"hybrid.ranker_validation_users must be within [0, 1), got {cfg.hybrid.ranker_validation_users}")
     if cfg.split.method not in SPLIT_METHODS:
         raise bad(f"split.method must be one of {', '.join(SPLIT_METHODS)}, got {cfg.split.method!r}")
     if not 0.0 < cfg.split.test_ratio < 1.0:
@@ -493,7 +615,7 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
             raise bad(f"demo.{name} must be >= 1")
     if not check_paths:
         return
-    log4j = resolve_local(cfg.spark.log4j_config, PACKAGE_ROOT)
+    log4j = resolve_log4j(cfg.spark.log4j_config)
     if not log4j.is_file():
         raise bad(f"spark.log4j_config: file not found: {cfg.spark.log4j_config}")
     cfg.spark.log4j_config = str(log4j)

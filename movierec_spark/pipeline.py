@@ -59,6 +59,12 @@ class RunContext:
     # MERGE or replaceWhere on this machine).
     fresh: bool = False
 
+    @property
+    def serving(self) -> bool:
+        """A serve run: no test part, every model learns from all the ratings, and the run
+        writes `recommendations` (an evaluate run writes predictions, top_n and metrics)."""
+        return self.cfg.pipeline.mode == "serve"
+
     def memo(self, key: str, build: Callable[[], object]):
         if key not in self.shared:
             self.shared[key] = build()
@@ -90,7 +96,7 @@ def _record_run(spark: SparkSession, ctx: RunContext, started: dt.datetime, stat
                 error: str | None = None) -> None:
     finished = None if status == "running" else dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     row = [(ctx.run_id, started.replace(tzinfo=None), finished, status, ctx.input_path,
-            ctx.cfg.to_json(), ctx.stage_seconds, error)]
+            ctx.cfg.to_json(), ctx.stage_seconds, error, ctx.cfg.pipeline.mode)]
     df = spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["runs"])
     if ctx.fresh and status == "running":
         tables.append(spark, df, ctx.warehouse, "runs")
@@ -142,6 +148,22 @@ def _resume_state(spark: SparkSession, cfg: Config, run_id: str) -> tuple[dict, 
     return row.asDict(), done
 
 
+def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
+    """A rerun of stages under an existing run id keeps that run's kind: an evaluate run's split
+    has a test part, and serving from it would recommend movies the users rated."""
+    wh = cfg.paths.warehouse
+    if not tables.table_exists(spark, tables.table_path(wh, "runs")):
+        return
+    runs = tables.read_table(spark, wh, "runs")
+    if "kind" not in runs.columns:  # a warehouse from before runs had kinds
+        return
+    row = runs.where(F.col("run_id") == run_id).select("kind").first()
+    if row is not None and row["kind"] and row["kind"] != cfg.pipeline.mode:
+        cmd = "movierec evaluate" if row["kind"] == "evaluate" else "movierec run"
+        raise PipelineError(f"run {run_id} is a {row['kind']} run and this is a {cfg.pipeline.mode} run: "
+                            f"rerun its stages with `{cmd} --run-id {run_id}` (pipeline.mode={row['kind']})")
+
+
 def validate_stages(names: list[str]) -> None:
     # Import for the side effect of registering built-in stages.
     from . import stages  # noqa: F401
@@ -173,6 +195,8 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
         row, done = _resume_state(spark, cfg, run_id)
         input_path = input_path or row["input"]
         started = row["started_at"].replace(tzinfo=dt.timezone.utc)
+    if run_id and not resume:
+        _check_kind(spark, cfg, run_id)
     ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id)
     log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, input_path, ctx.warehouse)
     _record_run(spark, ctx, started, "running")
@@ -209,8 +233,11 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
     finally:
         ctx.release()
     _record_run(spark, ctx, started, "succeeded")
-    if "recommend" in ctx.results:
-        _point_latest(spark, ctx, "recommendations")
+    # Only a serve run's outputs are what consumers are served; an evaluate run moves nothing.
+    if ctx.serving:
+        for stage_name, table in (("recommend", "recommendations"), ("content", "similar_movies")):
+            if stage_name in ctx.results:
+                _point_latest(spark, ctx, table)
     total = sum(ctx.stage_seconds.values())
     log.info("run %s succeeded in %.1f s (%s)", ctx.run_id, total,
              ", ".join(f"{k} {v:.1f}s" for k, v in ctx.stage_seconds.items()))

@@ -7,10 +7,16 @@ statistics; deletion vectors and time travel are applied by delta-rs. `recs` als
 pandas, which pyarrow's dataset and scalar APIs import (0.2 s of start-up): a whole `movierec
 query recs` process answers in about a third of a second.
 
-`recs` is the one place for the latest recommendations: without `--run` it answers from the
-latest run (by `runs.started_at`) that succeeded and has rows in `recommendations`; with no
-`runs` table, from the largest run_id present. `--as-of` reads the recommendations table as of a
-Delta version (an int) or a timestamp (ISO 8601, UTC when no offset is given): time travel.
+`recs` is the one place for the latest recommendations: without `--run` it answers from the run
+the `latest` table points at (the last succeeded serve run); without that pointer, from the
+latest serve run (by `runs.started_at`; a run with no `kind` predates serve/evaluate runs and
+counts as serve) that succeeded and has rows in `recommendations` - never an evaluate run; with
+no `runs` table, from the largest run_id present. `--as-of` reads the recommendations table as of
+a Delta version (an int) or a timestamp (ISO 8601, UTC when no offset is given): time travel.
+
+`similar` reads one run's rows of `similar_movies` (the `latest` pointer's run, else the newest
+succeeded run present); `metrics` shows a run's test figures when it has them, else its
+validation figures, labelled as such: rows held out of training within the run, not a test part.
 
 Every user-fixable problem (missing warehouse or table, unknown user, run, movie or title) is a
 `QueryError`: one line saying what was wrong and what to do, with an exit code for the CLI.
@@ -282,6 +288,18 @@ def _aware(ts: dt.datetime | None) -> dt.datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
 
 
+SERVE_KINDS = ("serve", None)  # a run with no kind predates serve/evaluate runs: it counts as serve
+
+
+def _serves(r: dict) -> bool:
+    """Whether a runs row may answer for recommendations: a serve run or a legacy one (no kind)."""
+    return r.get("kind") in SERVE_KINDS
+
+
+def _columns(table) -> set[str]:
+    return {f.name for f in table.schema().fields}
+
+
 def _pick_run(history: list[dict] | None, present: set[str], what: str, warehouse: str) -> tuple[str, str]:
     """The latest succeeded run among `present` (run ids with rows), with a note on how chosen."""
     if not present:
@@ -337,7 +355,10 @@ def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | d
         raise QueryError(f"-n {n}: give at least 1 (or leave it out for the whole list)", EXIT_USAGE)
     as_of = parse_as_of(as_of) if not isinstance(as_of, dt.datetime) else _aware(as_of)
     table = open_table(warehouse, "recommendations", as_of)
-    cols = ["run_id", "userId", "rank", "movieId", "score", "source", "because_movieId"]
+    # predicted_rating (the hybrid GBT's rating) is in tables written since serve/evaluate runs.
+    has_pred = "predicted_rating" in _columns(table)
+    cols = ["run_id", "userId", "rank", "movieId", "score"] + (["predicted_rating"] if has_pred else []) + \
+        ["source", "because_movieId"]
     note = None
     rows: pa.Table | None = None
     if run is None and as_of is None:
@@ -352,21 +373,31 @@ def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | d
             run, note = _pick_run(None, present, "recommendations", warehouse)
         else:
             # Newest first: the first candidate with any rows is the answer, so probing it with
-            # the user's filter usually settles both questions in one pruned read.
+            # the user's filter usually settles both questions in one pruned read. Evaluate runs
+            # never answer: they learned without their test part and write no recommendations.
+            serving = [r for r in history if _serves(r)]
             for status in ("succeeded", None):
-                cands = [r for r in reversed(history) if (r["status"] == "succeeded") == (status is not None)]
+                cands = [r for r in reversed(serving) if (r["status"] == "succeeded") == (status is not None)]
                 for r in cands:
                     got = scan(table, cols, [("run_id", "=", r["run_id"]), ("userId", "=", user)], ["rank"], n)
                     if got.num_rows or _has_rows(table, r["run_id"]):
                         run, rows = r["run_id"], got
                         how = "latest succeeded run" if status else f"latest run ({r['status']}; none succeeded)"
                         note = f"run {run}: the {how} with recommendations"
+                        started = history.index(r)
+                        if any(not _serves(h) for h in history[started + 1:]):
+                            note += " (newer evaluate runs skipped)"
                         break
                 if run is not None:
                     break
-            if run is None:  # no run in the runs table has recommendations
+            if run is None:  # no serve run in the runs table has recommendations
+                evaluate = {r["run_id"] for r in history if not _serves(r)}
                 present = set(_distinct(table, "run_id"))
-                run, note = _pick_run(history, present, "recommendations", warehouse)
+                if present and present <= evaluate:
+                    raise QueryError(f"recommendations in {warehouse} has rows of evaluate runs only "
+                                     f"({', '.join(sorted(present))}): run `movierec run` (a serve run) "
+                                     "first, or pass --run RUN_ID")
+                run, note = _pick_run(history, present - evaluate, "recommendations", warehouse)
     if rows is None:
         rows = scan(table, cols, [("run_id", "=", run), ("userId", "=", user)], ["rank"], n)
         if rows.num_rows == 0 and not _has_rows(table, run):
@@ -384,7 +415,8 @@ def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | d
         m = movies.get(r["movieId"], {})
         b = movies.get(r["because_movieId"], {}) if r["because_movieId"] is not None else {}
         out.append({"rank": r["rank"], "movieId": r["movieId"], "title": m.get("title"),
-                    "genres": m.get("genres"), "score": r["score"], "source": r["source"],
+                    "genres": m.get("genres"), "score": r["score"], "predicted_rating": r.get("predicted_rating"),
+                    "source": r["source"],
                     "because_movieId": r["because_movieId"], "because_title": b.get("title")})
     meta = {"user": user, "run_id": run, "table_version": table.version()}
     if as_of is not None:
@@ -394,8 +426,8 @@ def recs(warehouse: str, user: int, run: str | None = None, as_of: int | str | d
         notes.append(f"recommendations as of {_as_of_text(as_of)} (table version {table.version()})")
     if data and not movies:
         notes.append("no movies table: titles are missing")
-    return Result("recs", ["rank", "movieId", "title", "genres", "score", "source", "because_movieId",
-                           "because_title"], out, meta, notes)
+    return Result("recs", ["rank", "movieId", "title", "genres", "score", "predicted_rating", "source",
+                           "because_movieId", "because_title"], out, meta, notes)
 
 
 def _as_of_text(as_of: int | dt.datetime) -> str:
@@ -406,8 +438,10 @@ def _has_rows(table, run: str) -> bool:
     return scan(table, ["run_id"], [("run_id", "=", run)], limit=1).num_rows > 0
 
 
-def _distinct(table, column: str) -> list:
-    got = run_sql(table, f"SELECT DISTINCT {_ident(column)} AS v FROM t WHERE {_ident(column)} IS NOT NULL")
+def _distinct(table, column: str, where: Where = ()) -> list:
+    cond = where_sql(where)
+    cond = (cond + " AND " if cond else " WHERE ") + f"{_ident(column)} IS NOT NULL"
+    got = run_sql(table, f"SELECT DISTINCT {_ident(column)} AS v FROM t{cond}")
     return got.column("v").to_pylist()
 
 
@@ -489,8 +523,43 @@ def _label(m: dict) -> str:
     return f"{m['title']} [movieId {m['movieId']}]"
 
 
+def _newest_run(history: list[dict] | None, present: set[str], serve_first: bool = True) -> tuple[str, str]:
+    """The newest run among `present`: succeeded serve (or legacy) runs first (`serve_first`),
+    then any succeeded run, then any run; (run_id, how it was chosen)."""
+    tiers = (("the latest succeeded serve run", lambda r: r["status"] == "succeeded" and _serves(r)),
+             ("the latest succeeded run", lambda r: r["status"] == "succeeded"),
+             ("the latest run (none succeeded)", lambda r: True))
+    for how, ok in tiers[0 if serve_first else 1:]:
+        for r in reversed(history or []):
+            if r["run_id"] in present and ok(r):
+                return r["run_id"], how
+    return max(present), ("the largest run_id" + (" (no runs table)" if history is None else
+                                                  " (not in the runs table)"))
+
+
+def _similar_run(warehouse: str, table) -> tuple[str | None, str | None]:
+    """Which run's rows of similar_movies to read, and a note saying so.
+
+    The `latest` pointer's run; else the newest succeeded run present (serve runs first). A table
+    written before similar_movies had a run_id column (or holding only such rows) is read whole.
+    """
+    if "run_id" not in _columns(table):
+        return None, None
+    pointed = _latest_pointer(warehouse, "similar_movies")
+    if pointed is not None and _has_rows(table, pointed):
+        return pointed, f"neighbours from run {pointed}: the current similar_movies (table `latest`)"
+    present = set(_distinct(table, "run_id"))
+    if not present:
+        return None, None
+    run, how = _newest_run(run_history(warehouse), present)
+    note = f"neighbours from run {run}: {how} with similar_movies"
+    if pointed is not None:
+        note += f" (table `latest` names run {pointed}, which has no rows there)"
+    return run, note
+
+
 def similar(warehouse: str, title: str | None = None, movie: int | None = None, k: int = 10) -> Result:
-    """Content neighbours of a movie given by id or by a forgiving title match."""
+    """Content neighbours of a movie given by id or by a forgiving title match, from one run's rows."""
     if (title is None) == (movie is None):
         raise QueryError("give exactly one of --title TEXT or --movie ID", EXIT_USAGE)
     mt = open_table(warehouse, "movies")
@@ -532,8 +601,12 @@ def similar(warehouse: str, title: str | None = None, movie: int | None = None, 
             notes.append(f"{title!r} matched {len(ids)} titles ({tier} match); chose {_label(chosen)}, {why}; "
                          f"others: {others}{more}. Pass --movie ID to pick another")
     meta.update(movieId=chosen["movieId"], title=chosen["title"])
-    nb = rows_of(scan(st, ["similar_movieId", "rank", "similarity"], [("movieId", "=", chosen["movieId"])],
-                      ["rank"], k))
+    run, run_note = _similar_run(warehouse, st)
+    meta["run_id"] = run
+    if run_note:
+        notes.append(run_note)
+    where = [("movieId", "=", chosen["movieId"])] + ([("run_id", "=", run)] if run is not None else [])
+    nb = rows_of(scan(st, ["similar_movieId", "rank", "similarity"], where, ["rank"], k))
     info = _movie_info(warehouse, [r["similar_movieId"] for r in nb])
     rows = [{"rank": r["rank"], "movieId": r["similar_movieId"],
              "title": info.get(r["similar_movieId"], {}).get("title"),
@@ -571,15 +644,54 @@ def load_metrics(warehouse: str, run: str | None = None) -> tuple[str, list[dict
     return run, [r for r in rows if r["run_id"] == run], note
 
 
+VALIDATION = "validation"
+
+
+def default_split(splits: Iterable[str]) -> str:
+    """'test' when the run has test figures, else 'validation', else the first split there is."""
+    splits = sorted(set(splits))
+    return "test" if "test" in splits else VALIDATION if VALIDATION in splits else splits[0]
+
+
+def validation_note(run: str) -> str:
+    """What validation figures are, in one line: they must never pass for test figures."""
+    return (f"VALIDATION figures, not test figures: run {run}'s metrics on rows it held out of training "
+            "within the run (the hybrid GBT's held-out out-of-fold rows; the ranker's held-out users), "
+            "not on a held-out test part")
+
+
+def latest_test_run(warehouse: str) -> str | None:
+    """The latest run (succeeded first) with test metrics, or None."""
+    present = set(_distinct(open_table(warehouse, "metrics"), "run_id", [("split", "=", "test")]))
+    if not present:
+        return None
+    return _newest_run(run_history(warehouse), present, serve_first=False)[0]
+
+
 def metrics(warehouse: str, run: str | None = None, k: int | str | None = None,
             split: str | None = None) -> Result:
-    """Model comparison: one row per model, one column per metric (ranking metrics at k)."""
+    """Model comparison: one row per model, one column per metric (ranking metrics at k).
+
+    The run's test figures by default; a run without them (a serve run) shows its validation
+    figures, with a note saying plainly what they are.
+    """
+    chosen_by_default = run is None
     run, rows, note = load_metrics(warehouse, run)
     splits = sorted({r["split"] for r in rows})
     if split is None:
-        split = "test" if "test" in splits else splits[0]
+        split = default_split(splits)
     elif split not in splits:
         raise QueryError(f"--split {split}: run {run} has metrics for {', '.join(splits)}", EXIT_USAGE)
+    notes = [note] if note else []
+    if split == VALIDATION:
+        notes.append(validation_note(run))
+        if "test" not in splits and chosen_by_default:
+            other = latest_test_run(warehouse)
+            if other is not None and other != run:
+                notes.append(f"run {other} has test figures: --run {other}")
+    elif VALIDATION in splits:
+        notes.append(f"{split} figures; run {run} also has validation figures (rows held out of training "
+                     "within the run): --split validation")
     rows = [r for r in rows if r["split"] == split]
     ks = sorted({r["k"] for r in rows if r["k"] is not None})
     if k is None:
@@ -601,7 +713,7 @@ def metrics(warehouse: str, run: str | None = None, k: int | str | None = None,
         table.setdefault(r["model"], {"model": r["model"]})[col] = r["value"]
     out = [{c: table[m].get(c) for c in columns} for m in sorted(table, key=_model_key)]
     meta = {"run_id": run, "split": split, "k": k}
-    return Result("metrics", columns, out, meta, [note] if note else [])
+    return Result("metrics", columns, out, meta, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,11 +731,14 @@ def runs(warehouse: str) -> Result:
         start, end = _aware(r["started_at"]), _aware(r.get("finished_at"))
         stages = r.get("stage_seconds")
         stages = dict(stages) if stages else {}
-        out.append({"run_id": r["run_id"], "status": r["status"], "started_at": start,
+        out.append({"run_id": r["run_id"], "kind": r.get("kind"), "status": r["status"], "started_at": start,
                     "seconds": (end - start).total_seconds() if start and end else None,
                     "stage_seconds": stages, "input": r.get("input"), "error": r.get("error")})
-    return Result("runs", ["run_id", "status", "started_at", "seconds", "stage_seconds", "input", "error"],
-                  out, {"runs": len(out)})
+    notes = []
+    if any(r["kind"] is None for r in out):
+        notes.append("a run with no kind predates serve/evaluate runs; it counts as a serve run")
+    return Result("runs", ["run_id", "kind", "status", "started_at", "seconds", "stage_seconds", "input", "error"],
+                  out, {"runs": len(out)}, notes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ JavaScript, no remote CSS) and links the same PNG files written beside it. Plots
 Agg backend): model comparison (RMSE/MAE), precision/recall/nDCG at k = 1..20, feature
 importances, the rating distribution and seconds per stage across runs. A missing table or an
 empty selection replaces its plot with a short note; it never stops the page.
+
+Metrics are the chosen run's test figures when it has them (an evaluate run), else its
+validation figures (a serve run has no test part): rows held out of training within the run.
+Validation figures are labelled as such wherever they appear - table heading, note, plot
+headings, titles and captions - and an evaluate run's validation figures get their own table.
 """
 
 from __future__ import annotations
@@ -65,15 +70,29 @@ def _png(fig) -> bytes:
 # Data
 
 
-def _metric_rows(warehouse: str, run: str | None) -> tuple[str | None, list[dict], str | None]:
+def _metric_rows(warehouse: str, run: str | None) -> tuple[str | None, list[dict], str | None, str | None]:
+    """(run, its rows of the split plotted, how the run was chosen, that split)."""
     if not q.table_exists(warehouse, "metrics"):
         if run is not None:
             raise q.QueryError(f"--run {run}: warehouse {warehouse} has no metrics table to report on")
-        return None, [], "no metrics table: run the pipeline's evaluate stage first"
+        return None, [], "no metrics table: run the pipeline's evaluate stage first", None
     run, rows, how = q.load_metrics(warehouse, run)
-    splits = {r["split"] for r in rows}
-    split = "test" if "test" in splits else min(splits)
-    return run, [r for r in rows if r["split"] == split], how
+    split = q.default_split(r["split"] for r in rows)
+    return run, [r for r in rows if r["split"] == split], how, split
+
+
+def _is_validation(split: str | None) -> bool:
+    return split == q.VALIDATION
+
+
+def _split_tag(split: str | None) -> str:
+    """' (validation)' after a heading or title of validation figures, else ''."""
+    return " (validation)" if _is_validation(split) else ""
+
+
+def _validation_caption(run: str | None) -> str:
+    return (f"VALIDATION figures of run {run}, not test figures: rows held out of training within the run "
+            "(the hybrid GBT's held-out out-of-fold rows; the ranker's held-out users), not a test part. ")
 
 
 def _model_order(models) -> list[str]:
@@ -84,8 +103,9 @@ def _model_order(models) -> list[str]:
 # Plots
 
 
-def plot_model_comparison(plt, run: str | None, rows: list[dict], missing: str | None) -> Section:
-    s = Section("model_comparison", "Model comparison: rating error")
+def plot_model_comparison(plt, run: str | None, rows: list[dict], missing: str | None,
+                          split: str | None = "test") -> Section:
+    s = Section("model_comparison", "Model comparison: rating error" + _split_tag(split))
     if missing:
         s.note = missing
         return s
@@ -105,15 +125,16 @@ def plot_model_comparison(plt, run: str | None, rows: list[dict], missing: str |
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(x, models, rotation=20, ha="right")
     ax.set_ylabel("error (stars, lower is better)")
-    ax.set_title(f"RMSE and MAE per model - run {run}")
+    ax.set_title(f"RMSE and MAE per model - run {run}{_split_tag(split)}")
     ax.legend()
     s.png = _png(fig)
-    s.caption = "Held-out rating error per model; lower is better."
+    s.caption = ((_validation_caption(run) + "Rating error; lower is better.") if _is_validation(split)
+                 else "Held-out rating error per model; lower is better.")
     return s
 
 
-def plot_ranking(plt, run: str | None, rows: list[dict], missing: str | None) -> Section:
-    s = Section("ranking_at_k", "Ranking quality at k = 1..20")
+def plot_ranking(plt, run: str | None, rows: list[dict], missing: str | None, split: str | None = "test") -> Section:
+    s = Section("ranking_at_k", "Ranking quality at k = 1..20" + _split_tag(split))
     if missing:
         s.note = missing
         return s
@@ -139,10 +160,11 @@ def plot_ranking(plt, run: str | None, rows: list[dict], missing: str | None) ->
         ax.set_xlim(0.5, MAX_K + 0.5)
         ax.set_xticks([1, 5, 10, 15, 20])
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Top-N quality per ranking model - run {run}")
+    fig.suptitle(f"Top-N quality per ranking model - run {run}{_split_tag(split)}")
     s.png = _png(fig)
     ks = sorted({k for pts in series.values() for k in pts})
-    s.caption = (f"Evaluated at k = {', '.join(map(str, ks))}. Higher is better."
+    s.caption = ((_validation_caption(run) if _is_validation(split) else "")
+                 + f"Evaluated at k = {', '.join(map(str, ks))}. Higher is better."
                  + (" (Only these k were evaluated: set evaluation.ks to 1..20 for full curves.)"
                     if len(ks) < MAX_K else ""))
     return s
@@ -253,9 +275,26 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}th{text-align:left;bac
 
 
 def _metrics_table(warehouse: str, run: str | None) -> str:
+    """The run's metrics tables: the plotted split first (test when there is one), then the rest;
+    validation figures under a "Validation metrics" heading with a note saying what they are."""
     if run is None:
         return ""
-    res = q.metrics(warehouse, run=run)
+    first = q.metrics(warehouse, run=run)
+    splits = sorted({r["split"] for r in q.load_metrics(warehouse, run)[1]})
+    parts = [_one_metrics_table(run, first)]
+    for split in splits:
+        if split != first.meta["split"]:
+            parts.append(_one_metrics_table(run, q.metrics(warehouse, run=run, split=split)))
+    if not any(s == "test" for s in splits):
+        other = q.latest_test_run(warehouse)
+        if other is not None:
+            parts.append(f'<p class="note">Run {html.escape(other)} has test figures: '
+                         f"<code>movierec report --run {html.escape(other)}</code>.</p>")
+    return "\n".join(parts)
+
+
+def _one_metrics_table(run: str, res) -> str:
+    split = str(res.meta["split"])
     cols = [c for c in res.columns if any(r.get(c) is not None for r in res.rows)]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
@@ -268,8 +307,11 @@ def _metrics_table(warehouse: str, run: str | None) -> str:
             else:
                 cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<h2>Metrics of run {html.escape(run)} ({html.escape(str(res.meta['split']))} split, "
-            f"ranking at k = {html.escape(str(res.meta['k']))})</h2>"
+    title = "Validation metrics" if _is_validation(split) else "Metrics"
+    note = (f'<p class="note validation">{html.escape(q.validation_note(run))}.</p>'
+            if _is_validation(split) else "")
+    return (f'<h2 id="metrics-{html.escape(split)}">{title} of run {html.escape(run)} ({html.escape(split)} split, '
+            f"ranking at k = {html.escape(str(res.meta['k']))})</h2>{note}"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
@@ -308,11 +350,11 @@ def write_report(warehouse: str, out_dir: str, run: str | None = None) -> dict:
         raise q.QueryError(f"--out {out_dir} is a file: give a directory for index.html and the plots",
                            q.EXIT_USAGE)
     plt = _plt()
-    run, rows, how = _metric_rows(warehouse, run)
+    run, rows, how, split = _metric_rows(warehouse, run)
     missing = how if run is None else None
     sections = [
-        plot_model_comparison(plt, run, rows, missing),
-        plot_ranking(plt, run, rows, missing),
+        plot_model_comparison(plt, run, rows, missing, split),
+        plot_ranking(plt, run, rows, missing, split),
         plot_feature_importances(plt, warehouse, run),
         plot_rating_distribution(plt, warehouse),
         plot_stage_seconds(plt, warehouse),
@@ -332,6 +374,6 @@ def write_report(warehouse: str, out_dir: str, run: str | None = None) -> dict:
     info = {"path": index, "bytes": os.path.getsize(index), "plots": sum(s.png is not None for s in sections),
             "notes": sum(s.png is None for s in sections), "seconds": time.perf_counter() - t0,
             "files": [os.path.join(out_dir, s.filename) for s in sections if s.png is not None],
-            "run_id": run}
+            "run_id": run, "split": split}
     log.debug("report: %s", info)
     return info

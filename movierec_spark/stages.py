@@ -121,10 +121,57 @@ def ingest_stage(ctx: RunContext) -> dict:
 # Collaborative filtering: split, baselines, ALS
 
 
+# Intermediates written per run: a stage of run X reads X's rows, never a later run's.
+RUN_TABLES = ("rating_splits", "similar_movies", "features")
+
+
+def _run_table(ctx: RunContext, name: str):
+    """This run's rows of a per-run intermediate (without run_id), or None when there are none.
+
+    A run that wrote none of its own (e.g. `--stages features` under a new run id) reads the
+    newest run's rows of the same kind, and says so: a serve run never reads an evaluate run's
+    split, whose test part its models must learn from.
+    """
+    def source():
+        spark, wh = ctx.spark, ctx.warehouse
+        if not tables.table_exists(spark, tables.table_path(wh, name)):
+            return None
+        df = tables.read_table(spark, wh, name)
+        if "run_id" not in df.columns:  # a warehouse from before intermediates had run ids
+            return None
+        if not df.where(F.col("run_id") == ctx.run_id).isEmpty():
+            return ctx.run_id
+        # One row per run that wrote the table: small whatever the data.
+        present = [r[0] for r in df.select("run_id").distinct().collect() if r[0] is not None]
+        runs = tables.read_table(spark, wh, "runs")
+        row = (runs.where(F.col("run_id").isin(present) & (F.col("kind") == ctx.cfg.pipeline.mode))
+               .orderBy(F.col("started_at").desc(), F.col("run_id").desc()).select("run_id").first()) if present else None
+        if row is None:
+            return None
+        log.info("run %s wrote no %s: reading run %s's (the newest %s run that did)",
+                 ctx.run_id, name, row[0], ctx.cfg.pipeline.mode)
+        return row[0]
+
+    src = ctx.memo(f"source:{name}", source)
+    if src is None:
+        return None
+    return tables.read_table(ctx.spark, ctx.warehouse, name).where(F.col("run_id") == src).drop("run_id")
+
+
+def _write_run_table(ctx: RunContext, name: str, df) -> None:
+    """Replace this run's rows of a per-run intermediate."""
+    tables.replace_where(ctx.spark, df.select(F.lit(ctx.run_id).alias("run_id"), "*"), ctx.warehouse, name,
+                         {"run_id": ctx.run_id}, fresh=ctx.fresh)
+    ctx.shared.pop(f"source:{name}", None)
+
+
 def _split_frames(ctx: RunContext):
     """(train, test) as cached (userId, movieId, rating) frames, shared by the run's stages."""
     def build():
-        splits = tables.read_table(ctx.spark, ctx.warehouse, "rating_splits")
+        splits = _run_table(ctx, "rating_splits")
+        if splits is None:
+            raise ValueError(f"run {ctx.run_id} has no rating_splits (nor does any earlier {ctx.cfg.pipeline.mode} "
+                             "run): run the split stage in this run first")
         train = splits.where(F.col("split") == "train").select("userId", "movieId", "rating").cache()
         test = splits.where(F.col("split") == "test").select("userId", "movieId", "rating").cache()
         return train, test
@@ -179,7 +226,7 @@ def predefined_split(ctx: RunContext):
             part = cf.df.where(F.col("reason").isNull()).select(
                 "userId", "movieId", "rating", "rated_at", F.lit(role).alias("split"))
             splits = part if splits is None else splits.unionByName(part)
-        tables.overwrite(spark, splits, ctx.warehouse, "rating_splits")
+        _write_run_table(ctx, "rating_splits", splits)
     finally:
         for cf in checked.values():
             cf.df.unpersist()
@@ -194,10 +241,15 @@ def split_stage(ctx: RunContext) -> dict:
     if ctx.cfg.split.train_file:
         return {"method": "predefined", **predefined_split(ctx)}
     ratings = tables.read_table(ctx.spark, ctx.warehouse, "ratings")
-    tables.overwrite(ctx.spark, split_ratings(ratings, ctx.cfg.split, ctx.cfg.pipeline.seed), ctx.warehouse, "rating_splits")
-    counts = {r["split"]: r["count"] for r in
-              tables.read_table(ctx.spark, ctx.warehouse, "rating_splits").groupBy("split").count().collect()}
-    return {"method": ctx.cfg.split.method, **counts}
+    if ctx.serving:
+        # A serve run has no test part: every model learns from every rating.
+        parts = ratings.select("userId", "movieId", "rating", "rated_at", F.lit("train").alias("split"))
+        method = "all ratings (serve run)"
+    else:
+        parts, method = split_ratings(ratings, ctx.cfg.split, ctx.cfg.pipeline.seed), ctx.cfg.split.method
+    _write_run_table(ctx, "rating_splits", parts)
+    counts = {r["split"]: r["count"] for r in _run_table(ctx, "rating_splits").groupBy("split").count().collect()}
+    return {"method": method, **counts}
 
 
 @stage("baselines")
@@ -206,9 +258,10 @@ def baselines_stage(ctx: RunContext) -> dict:
 
     train, test = _split_frames(ctx)
     mu = global_mean(train)
-    _write_predictions(ctx, "global_mean", test.withColumn("prediction", F.lit(mu)))
-    bias = _bias(ctx, train)
-    _write_predictions(ctx, "bias_baseline", bias.predict(test).withColumnRenamed("baseline", "prediction"))
+    if not ctx.serving:  # a serve run has no test part to predict
+        _write_predictions(ctx, "global_mean", test.withColumn("prediction", F.lit(mu)))
+        bias = _bias(ctx, train)
+        _write_predictions(ctx, "bias_baseline", bias.predict(test).withColumnRenamed("baseline", "prediction"))
     _write_top_n(ctx, "popularity", popularity_top_n(train, max(ctx.cfg.evaluation.ks)))
     return {"global_mean": round(mu, 4)}
 
@@ -256,8 +309,11 @@ def als_stage(ctx: RunContext) -> dict:
     # The three outputs are independent once the model exists. Each is a chain of small jobs
     # and Delta commits whose driver-side latency (log listing, commit files) leaves cores idle,
     # so they run side by side: measured on ml-latest-small, 8.0 s one after another, 7.3 s together.
-    jobs = {"predict": predictions, "user_factors": factors("user"), "item_factors": factors("item")}
-    if cfg.als.top_n:
+    jobs = {"user_factors": factors("user"), "item_factors": factors("item")}
+    if not ctx.serving:  # a serve run has no test part to predict
+        jobs["predict"] = predictions
+    # Explicit ALS's lists are for evaluation; a serve run lists them only as candidates.
+    if cfg.als.top_n and (not ctx.serving or "als" in cfg.hybrid.candidate_models):
         jobs["top_n"] = top_n
     _concurrently(spark, jobs, out)
     lap("outputs")
@@ -330,6 +386,10 @@ def evaluate_stage(ctx: RunContext) -> dict:
     from .evaluation import evaluate_ranking_model, metrics_frame, rating_metrics
 
     spark, wh, run = ctx.spark, ctx.warehouse, ctx.run_id
+    if ctx.serving:
+        log.info("evaluate: a serve run has no test part; its validation metrics come from the hybrid "
+                 "and recommend stages (movierec evaluate runs the held-out protocol)")
+        return {"skipped": "serve run: no test part"}
     rows_by_model: dict[str, list] = {}
     preds = tables.read_table(spark, wh, "predictions").where(F.col("run_id") == run)
     for model in sorted(r.model for r in preds.select("model").distinct().collect()):
@@ -341,7 +401,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
         top = tables.read_table(spark, wh, "top_n").where(F.col("run_id") == run)
         # Intra-list diversity by content similarity once similar_movies exists (pairs beyond
         # each movie's top-K count as dissimilar); by train co-occurrence before that.
-        sims = _optional(ctx, "similar_movies")
+        sims = _run_table(ctx, "similar_movies")
         for model in sorted(r.model for r in top.select("model").distinct().collect()):
             recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
             rows_by_model.setdefault(model, []).extend(evaluate_ranking_model(
@@ -354,7 +414,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
     df = frames[0]
     for f in frames[1:]:
         df = df.unionByName(f)
-    tables.replace_where(spark, df, wh, "metrics", {"run_id": run}, fresh=ctx.fresh)
+    tables.replace_where(spark, df, wh, "metrics", {"run_id": run, "split": "test"}, fresh=ctx.fresh)
     out = {}
     for model, rows in rows_by_model.items():
         for metric, k, value in rows:
@@ -380,19 +440,20 @@ def content_stage(ctx: RunContext) -> dict:
         sims = exact_neighbours(vectors, c.k)
     else:
         sims = lsh_neighbours(vectors, c.k, c.lsh_bits, c.lsh_tables, c.lsh_bucket_cap, ctx.cfg.pipeline.seed)
-    tables.overwrite(spark, sims, wh, "similar_movies")
+    _write_run_table(ctx, "similar_movies", sims)
     vectors.unpersist()
     log.info("content: %d movies (%d without any attribute: no neighbours), %s neighbours", n, empty, method)
     out = {"movies": n, "without_content": empty, "method": method}
-    if not tables.table_exists(spark, tables.table_path(wh, "rating_splits")):
-        log.info("content: no rating_splits yet, so no content user model (run the split stage first)")
+    if _run_table(ctx, "rating_splits") is None:
+        log.info("content: no rating_splits for this run, so no content user model (run the split stage first)")
         return out
     train, test = _split_frames(ctx)
-    sims = tables.read_table(spark, wh, "similar_movies").cache()
-    preds = content_predict(test, train, sims, _bias(ctx, train), c.predict_shrink, *_scale(ctx)).cache()
-    out["backed_off"] = preds.where(F.col("n_nb") == 0).count()
-    _write_predictions(ctx, "content", preds)
-    preds.unpersist()
+    sims = _run_table(ctx, "similar_movies").cache()
+    if not ctx.serving:  # a serve run has no test part to predict
+        preds = content_predict(test, train, sims, _bias(ctx, train), c.predict_shrink, *_scale(ctx)).cache()
+        out["backed_off"] = preds.where(F.col("n_nb") == 0).count()
+        _write_predictions(ctx, "content", preds)
+        preds.unpersist()
     recs = content_top_n(train, sims, max(ctx.cfg.evaluation.ks), c.user_sources, c.user_neighbours).cache()
     out["users_with_list"] = recs.select("userId").distinct().count()
     _write_top_n(ctx, "content", recs)
@@ -413,7 +474,7 @@ def features_stage(ctx: RunContext) -> dict:
     train, test = _split_frames(ctx)
     lo, hi = _scale(ctx)
     movies = tables.read_table(spark, wh, "movies")
-    sims = _optional(ctx, "similar_movies")
+    sims = _run_table(ctx, "similar_movies")
     if sims is None:
         log.info("features: no similar_movies (content stage not run): content features are filled")
     fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds)).cast("int")
@@ -434,7 +495,11 @@ def features_stage(ctx: RunContext) -> dict:
     test_mode = h.test_features
     if test_mode == "auto":
         test_mode = "fold" if n_oof == 1 and frac < 1.0 else "full"
-    cands = _candidates(ctx) if h.ranker == "hybrid" else None
+    # A serve run featurises the recommendation candidates (the hybrid's predicted rating of each
+    # served pair) from models fitted on all the ratings, never from a fold's.
+    if ctx.serving:
+        test_mode = "full"
+    cands = _candidates(ctx) if h.ranker == "hybrid" or ctx.serving else None
     pairs = test.withColumn("split", F.lit("test"))
     if cands is not None:
         pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
@@ -489,10 +554,10 @@ def features_stage(ctx: RunContext) -> dict:
     df = frames[0]
     for p in frames[1:]:
         df = df.unionByName(p)
-    tables.overwrite(spark, df, wh, "features")
+    _write_run_table(ctx, "features", df)
     for p in cached:
         p.unpersist()
-    counts = {r["split"]: r["count"] for r in tables.read_table(spark, wh, "features").groupBy("split").count().collect()}
+    counts = {r["split"]: r["count"] for r in _run_table(ctx, "features").groupBy("split").count().collect()}
     out.update(counts)
     return out
 
@@ -502,32 +567,70 @@ def hybrid_stage(ctx: RunContext) -> dict:
     """GBTRegressor over the features: predictions (model 'hybrid') and feature_importances."""
     from .hybrid import fit_hybrid, predict_hybrid
 
+    from .evaluation import rating_metrics
+    from .features import hash_sample
+
     cfg, spark, wh = ctx.cfg, ctx.spark, ctx.warehouse
+    h, seed = cfg.hybrid, cfg.pipeline.seed
     lo, hi = _scale(ctx)
-    feats = tables.read_table(spark, wh, "features")
-    model, importances = fit_hybrid(feats.where(F.col("split") == "train"), cfg.hybrid, cfg.pipeline.seed)
-    preds = predict_hybrid(model, feats.where(F.col("split") == "test"), lo, hi).select(
-        "userId", "movieId", F.col("label").alias("rating"), "prediction")
-    _write_predictions(ctx, "hybrid", preds)
+    feats = _run_table(ctx, "features")
+    if feats is None:
+        raise ValueError(f"hybrid: run {ctx.run_id} has no features: run the features stage first")
+    rows = feats.where(F.col("split") == "train")
+    if h.validation_fraction > 0:
+        # Out-of-fold rows the GBT does not train on: early stopping, and the validation figures.
+        rows = rows.withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
+    model, importances, trees = fit_hybrid(rows, h, seed)
+    out = {"top_features": [f for f, _ in importances[:5]], "trees": trees}
+    if h.validation_fraction > 0:
+        val = predict_hybrid(model, rows.where("is_val AND label IS NOT NULL"), lo, hi)
+        got = rating_metrics(val, label_col="label")
+        _write_validation(ctx, "hybrid", [(m, None, v) for m, v in got.items()], ranking=False)
+        out["validation"] = {m: round(v, 4) for m, v in got.items() if m in ("rmse", "mae")}
+    if not ctx.serving:
+        preds = predict_hybrid(model, feats.where(F.col("split") == "test"), lo, hi).select(
+            "userId", "movieId", F.col("label").alias("rating"), "prediction")
+        _write_predictions(ctx, "hybrid", preds)
     # Saved for the recommend stage (and for anyone who wants to score pairs later).
     model.write().overwrite().save(_model_path(ctx, "hybrid"))
     imp = spark.createDataFrame([(ctx.run_id, f, float(v)) for f, v in importances],
                                 tables.TABLE_SCHEMAS["feature_importances"])
     tables.replace_where(spark, imp, wh, "feature_importances", {"run_id": ctx.run_id}, fresh=ctx.fresh)
-    return {"top_features": [f for f, _ in importances[:5]]}
+    return out
+
+
+def _write_validation(ctx: RunContext, model: str, rows: list, ranking: bool) -> None:
+    """Metrics rows with split 'validation': figures on rows held out inside the run (a serve
+    run's only quality signal). Rating rows (k null) and ranking rows are replaced apart, as
+    the hybrid and recommend stages write them."""
+    from .evaluation import metrics_frame
+
+    lit = tables.sql_literal
+    cond = (f"run_id = {lit(ctx.run_id)} AND model = {lit(model)} AND split = 'validation' "
+            f"AND k IS {'NOT ' if ranking else ''}NULL")
+    df = metrics_frame(ctx.spark, ctx.run_id, model, "validation", rows)
+    tables.replace_where(ctx.spark, df, ctx.warehouse, "metrics", cond, fresh=ctx.fresh)
+    for metric, k, value in rows:
+        log.info("validation %-8s %-10s %-4s %.4f", model, metric, "" if k is None else f"@{k}", value)
 
 
 def _learned_scores(ctx: RunContext):
-    """(scored, lists, cached): userId, movieId, prediction = the learned ranker's probability
-    for this run's candidates; the candidate lists it scored (userId, movieId, model, rank,
-    score, because_movieId); and the cached frames to unpersist once the output is written.
+    """(scored, lists, cached, validation): userId, movieId, prediction = the learned ranker's
+    probability for this run's candidates; the candidate lists it scored (userId, movieId,
+    model, rank, score, because_movieId); the cached frames to unpersist once the output is
+    written; and the validation metric rows of its lists (empty when switched off).
 
     Trained on fold 0 of train (the features stage's hash folds) with candidate models
-    refitted on the other folds, so neither the ranker nor its inputs see the test part.
+    refitted on the other folds, so neither the ranker nor its inputs see the test part. A
+    hash share of the users (`hybrid.ranker_validation_users`) is left out of its training:
+    its ranked lists for them, against their fold-0 movies, are the validation figures.
     """
     from pyspark.ml.recommendation import ALSModel
 
     from .als import fit_implicit, recommend_unseen
+    from .baselines import top_n_per_user
+    from .evaluation import evaluate_ranking_model
+    from .features import hash_sample
     from .ranker import candidate_lists, fit_ranker, item_neighbours, rank_scores, ranker_features, sample_users
 
     cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
@@ -536,11 +639,10 @@ def _learned_scores(ctx: RunContext):
     n = max(cfg.evaluation.ks)
     pool = _pool_length(cfg)
     train, _ = _split_frames(ctx)
-    times = (tables.read_table(spark, wh, "rating_splits").where(F.col("split") == "train")
-             .select("userId", "movieId", "rated_at"))
-    sims = _optional(ctx, "similar_movies")
+    times = _run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
+    sims = _run_table(ctx, "similar_movies")
     fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds))
-    rest, held = train.where(fold != 0).cache(), train.where(fold == 0).select("userId", "movieId")
+    rest, held = train.where(fold != 0).cache(), train.where(fold == 0)
 
     def knn(fit):
         cap = h.ranker_knn_cap or h.cap_per_user
@@ -551,8 +653,22 @@ def _learned_scores(ctx: RunContext):
     lists = lists.cache()
     nb = knn(rest)
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
-    labelled = feats.join(held.withColumn("label", F.lit(1.0)), ["userId", "movieId"], "left").fillna({"label": 0.0})
-    model = fit_ranker(labelled, names, seed, h.ranker_max_iter, h.ranker_max_depth)
+    labelled = (feats.join(held.select("userId", "movieId", F.lit(1.0).alias("label")), ["userId", "movieId"], "left")
+                .fillna({"label": 0.0}))
+    val_share = h.ranker_validation_users
+    is_val = hash_sample(["userId"], seed + 4, val_share) if val_share > 0 else F.lit(False)
+    model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth)
+    validation = []
+    if val_share > 0:
+        # The final lists of users the ranker never trained on, scored like every list, against
+        # the movies of theirs the candidate models did not see.
+        n_eval = max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
+        vfeats = feats.where(is_val)
+        vlists = top_n_per_user(rank_scores(model, vfeats), n_eval, score=F.col("p"))
+        vheld = held.join(vfeats.select("userId").distinct(), "userId", "left_semi")
+        n_items = tables.read_table(spark, wh, "movies").count()
+        validation = evaluate_ranking_model(vlists, vheld, rest, n_items, ks=tuple(cfg.evaluation.ks),
+                                            relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
     for df in (rest, lists, nb, *inner):
         if df is not None:
             df.unpersist()
@@ -581,21 +697,24 @@ def _learned_scores(ctx: RunContext):
     cached += [run_lists, nb]
     run_feats, _ = ranker_features(run_lists, train, models, pool, implicit, times, nb)
     scored = rank_scores(model, run_feats).withColumnRenamed("p", "prediction")
-    return scored, run_lists, [c for c in cached if c is not None]
+    return scored, run_lists, [c for c in cached if c is not None], validation
 
 
 def _model_path(ctx: RunContext, name: str) -> str:
+    """A model of this run: `<warehouse>/_models/<run_id>/<name>` (maintain prunes old runs')."""
     from .config import join_path
 
-    return join_path(ctx.warehouse, "_models", name)
+    return join_path(ctx.warehouse, "_models", ctx.run_id, name)
 
 
 @stage("recommend")
 def recommend_stage(ctx: RunContext) -> dict:
-    """Final top-N per user: the candidate models' lists rescored by the hybrid."""
+    """Final top-N per user: the candidate models' lists ranked by the learned ranker (or the
+    hybrid's rating). A serve run writes them to `recommendations`, each with the hybrid's
+    predicted rating; an evaluate run to top_n (model 'hybrid'), for the evaluate stage."""
     from pyspark.ml import PipelineModel
 
-    from .baselines import popularity, top_n_per_user
+    from .baselines import top_n_per_user
     from .hybrid import predict_hybrid
 
     cfg, spark, wh, run = ctx.cfg, ctx.spark, ctx.warehouse, ctx.run_id
@@ -603,17 +722,20 @@ def recommend_stage(ctx: RunContext) -> dict:
     lo, hi = _scale(ctx)
     lists = tables.read_table(spark, wh, "top_n").where(
         (F.col("run_id") == run) & F.col("model").isin(cfg.hybrid.candidate_models))
-    cached = []
+    cached, validation = [], []
     if cfg.hybrid.ranker == "learned":
-        scored, lists, cached = _learned_scores(ctx)
+        scored, lists, cached, validation = _learned_scores(ctx)
     else:
-        feats = tables.read_table(spark, wh, "features").where(F.col("split") == "candidate")
-        if feats.isEmpty():
+        feats = _run_table(ctx, "features")
+        feats = feats.where(F.col("split") == "candidate") if feats is not None else None
+        if feats is None or feats.isEmpty():
             raise ValueError("recommend: no candidate rows in `features`: with hybrid.ranker=hybrid, run the "
                              f"candidate models ({', '.join(cfg.hybrid.candidate_models)}) and the features "
                              "stage in this run first")
         model = PipelineModel.load(_model_path(ctx, "hybrid"))
         scored = predict_hybrid(model, feats, lo, hi).select("userId", "movieId", "prediction")
+    if validation:
+        _write_validation(ctx, "hybrid", validation, ranking=True)
     # Which model brought the movie in: the first in candidate_models' order that listed it.
     prio = F.array_position(F.array(*[F.lit(m) for m in cfg.hybrid.candidate_models]), F.col("model"))
     src = (lists
@@ -624,38 +746,82 @@ def recommend_stage(ctx: RunContext) -> dict:
         src, ["userId", "movieId"]).select(
         "userId", "rank", "movieId", "score", F.col("s.model").alias("source"),
         F.coalesce(F.col("s.because_movieId"), F.col("any_because")).alias("because_movieId")).cache()
-    # Users with ratings but none in train (all held out) get the most popular movies, marked so.
-    train, _ = _split_frames(ctx)
-    cold = (tables.read_table(spark, wh, "ratings").select("userId").distinct()
-            .join(train.select("userId").distinct(), "userId", "left_anti"))
-    pop = popularity(train).where(F.col("pop_rank") <= n).select(
-        "movieId", F.col("pop_rank").alias("rank"), F.col("n_ratings").cast("double").alias("score"))
-    cold_recs = cold.crossJoin(F.broadcast(pop)).select(
-        "userId", "rank", "movieId", "score", F.lit("popular_cold").alias("source"),
-        F.lit(None).cast("int").alias("because_movieId"))
-    recs = ranked.where(F.col("rank") <= n).select(*cold_recs.columns).unionByName(cold_recs).select(
-        F.lit(run).alias("run_id"), "*")
-    n_cold = cold.count()
-    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
     users = ranked.select("userId").distinct().count()
     short = ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()
-    # Written last: `ranked` descends from this run's top_n rows, and a write to top_n makes
-    # Spark drop every cache that reads it, so anything after it would recompute the whole
-    # scoring (at 5M ratings the recommendations write took 115 s doing that).
-    _write_top_n(ctx, "hybrid", ranked)
+    out = {"users": users, "users_short_of_n": short}
+    if validation:
+        out["validation"] = {f"{m}@{k}": round(v, 4) for m, k, v in validation if k == 10 and m in ("precision", "ndcg")}
+    if ctx.serving:
+        out.update(_write_recommendations(ctx, ranked, n, lo, hi))
+    else:
+        # Written last: `ranked` descends from this run's top_n rows, and a write to top_n makes
+        # Spark drop every cache that reads it, so anything after it would recompute the whole
+        # scoring (at 5M ratings the recommendations write took 115 s doing that).
+        _write_top_n(ctx, "hybrid", ranked)
     ranked.unpersist()
     for df in cached:
         df.unpersist()
-    return {"users": users, "users_short_of_n": short, "cold_users": n_cold}
+    return out
+
+
+def _write_recommendations(ctx: RunContext, ranked, n: int, lo: float, hi: float) -> dict:
+    """A serve run's `recommendations`: the top n of the ranked lists with the hybrid's predicted
+    rating of each pair, plus popularity lists for users who have ratings but none in this run's
+    split (ratings ingested after it), without what they rated."""
+    from .baselines import popularity_top_n
+
+    spark, wh, run = ctx.spark, ctx.warehouse, ctx.run_id
+    served = ranked.where(F.col("rank") <= n)
+    rated = _predicted_ratings(ctx, served, lo, hi)
+    if rated is None:
+        served = served.withColumn("predicted_rating", F.lit(None).cast("double"))
+    else:
+        served = served.join(rated, ["userId", "movieId"], "left")
+    train, _ = _split_frames(ctx)
+    ratings = tables.read_table(spark, wh, "ratings").select("userId", "movieId")
+    cold = ratings.join(train.select("userId").distinct(), "userId", "left_anti")
+    cold_recs = popularity_top_n(train, n, seen=cold).select(
+        "userId", "rank", "movieId", "score", F.lit("popular_cold").alias("source"),
+        F.lit(None).cast("int").alias("because_movieId"), F.lit(None).cast("double").alias("predicted_rating"))
+    recs = served.select(*cold_recs.columns).unionByName(cold_recs).select(F.lit(run).alias("run_id"), "*")
+    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
+    return {"cold_users": cold.select("userId").distinct().count()}
+
+
+def _predicted_ratings(ctx: RunContext, pairs, lo: float, hi: float):
+    """userId, movieId, predicted_rating: the hybrid's rating of `pairs`, from this run's
+    candidate features and hybrid model (None, logged, when the run has neither)."""
+    from pyspark.ml import PipelineModel
+
+    from .fs import exists
+    from .hybrid import predict_hybrid
+
+    feats, path = _run_table(ctx, "features"), _model_path(ctx, "hybrid")
+    if feats is None or not exists(path):
+        log.warning("recommend: run %s has no %s: recommendations carry no predicted_rating "
+                    "(run the features and hybrid stages in the run)", ctx.run_id,
+                    "features" if feats is None else "hybrid model")
+        return None
+    cands = feats.where(F.col("split") == "candidate").join(pairs.select("userId", "movieId"),
+                                                           ["userId", "movieId"], "left_semi")
+    return predict_hybrid(PipelineModel.load(path), cands, lo, hi).select(
+        "userId", "movieId", F.col("prediction").alias("predicted_rating"))
 
 
 def _candidates(ctx: RunContext):
-    """Distinct (userId, movieId) from this run's top-N lists of the candidate models, or None."""
+    """Distinct (userId, movieId) the final lists can hold: this run's top-N lists of the
+    candidate models and implicit ALS's longer pool; None when there are none."""
     if not tables.table_exists(ctx.spark, tables.table_path(ctx.warehouse, "top_n")):
         return None
     top = tables.read_table(ctx.spark, ctx.warehouse, "top_n").where(
         (F.col("run_id") == ctx.run_id) & F.col("model").isin(ctx.cfg.hybrid.candidate_models))
-    return None if top.isEmpty() else top.select("userId", "movieId").distinct()
+    if top.isEmpty():
+        return None
+    pairs = top.select("userId", "movieId")
+    listed = ctx.results.get("als_implicit") or {}
+    if listed.get("pool_path") and "als_implicit" in ctx.cfg.hybrid.candidate_models:
+        pairs = pairs.unionByName(ctx.spark.read.parquet(listed["pool_path"]).select("userId", "movieId"))
+    return pairs.distinct()
 
 
 def _optional(ctx: RunContext, name: str):

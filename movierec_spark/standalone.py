@@ -128,13 +128,15 @@ class StandaloneCluster:
 
 
 def package_archive(dest: Path) -> Path:
-    """The movierec_spark package as a --py-files zip (what the wheel ships, without a build step)."""
+    """The movierec_spark package as a --py-files zip (what the wheel ships, without a build step):
+    its modules and its package data (conf/: the default config and log4j2 file)."""
     import zipfile
 
     pkg = Path(__file__).resolve().parent
     out = Path(dest) / "movierec_spark.zip"
+    files = [*pkg.rglob("*.py"), *pkg.glob("conf/*.yaml"), *pkg.glob("conf/*.properties")]
     with zipfile.ZipFile(out, "w") as z:
-        for f in sorted(pkg.rglob("*.py")):
+        for f in sorted(files):
             z.write(f, f.relative_to(pkg.parent).as_posix())
     return out
 

@@ -49,24 +49,30 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                           ("finished_at", TS, False)),
     "runs": _schema(("run_id", S, False), ("started_at", TS, False), ("finished_at", TS, True),
                     ("status", S, False), ("input", S, True), ("config", S, True),
-                    ("stage_seconds", T.MapType(S, D), True), ("error", S, True)),
-    "rating_splits": _schema(("userId", I, False), ("movieId", I, False), ("rating", D, False),
-                             ("rated_at", TS, True), ("split", S, False)),
+                    ("stage_seconds", T.MapType(S, D), True), ("error", S, True),
+                    # serve (learned from every rating, writes recommendations) or evaluate
+                    # (held-out test part); null in rows written before runs had kinds.
+                    ("kind", S, True)),
+    # Per-run intermediates (rating_splits, similar_movies, features) carry the run that wrote
+    # them: a later stage of run X reads X's rows, never a later run's.
+    "rating_splits": _schema(("run_id", S, False), ("userId", I, False), ("movieId", I, False),
+                             ("rating", D, False), ("rated_at", TS, True), ("split", S, False)),
     "predictions": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("movieId", I, False),
                            ("rating", D, True), ("prediction", D, False)),
     "als_user_factors": _schema(("userId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
     "als_item_factors": _schema(("movieId", I, False), ("features", T.ArrayType(T.FloatType(), True), False)),
-    "similar_movies": _schema(("movieId", I, False), ("similar_movieId", I, False), ("rank", I, False),
-                              ("similarity", D, False)),
+    "similar_movies": _schema(("run_id", S, False), ("movieId", I, False), ("similar_movieId", I, False),
+                              ("rank", I, False), ("similarity", D, False)),
     "metrics": _schema(("run_id", S, False), ("model", S, False), ("metric", S, False), ("k", I, True),
                        ("value", D, True), ("split", S, False)),
     "top_n": _schema(("run_id", S, False), ("model", S, False), ("userId", I, False), ("rank", I, False),
                      ("movieId", I, False), ("score", D, True), ("because_movieId", I, True)),
-    # Final lists: source says which model brought the movie in; because_movieId is the watched
-    # movie behind a content-sourced pick (null otherwise).
+    # Final lists of serve runs: source says which model brought the movie in; because_movieId
+    # is the watched movie behind a content-sourced pick (null otherwise); predicted_rating is
+    # the GBT hybrid's predicted rating of the pair (score is the ranker's).
     "recommendations": _schema(("run_id", S, False), ("userId", I, False), ("rank", I, False),
                                ("movieId", I, False), ("score", D, True), ("source", S, False),
-                               ("because_movieId", I, True)),
+                               ("because_movieId", I, True), ("predicted_rating", D, True)),
     "feature_importances": _schema(("run_id", S, False), ("feature", S, False), ("importance", D, False)),
     # The one place consumers look for the current output: per table, the run whose rows are
     # current and the table version that run's write produced (for time travel).
@@ -77,7 +83,8 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
 def _features_schema() -> T.StructType:
     from .features import FEATURES
 
-    return _schema(("userId", I, False), ("movieId", I, False), *[(f, D, True) for f in FEATURES],
+    return _schema(("run_id", S, False), ("userId", I, False), ("movieId", I, False),
+                   *[(f, D, True) for f in FEATURES],
                    ("label", D, True), ("split", S, False), ("fold", I, False))
 
 
@@ -104,17 +111,17 @@ TABLE_COMMENTS = {
     "genome": "Tag genome relevance per (movie, tag) (ml-20m and later)",
     "genome_tags": "Tag genome vocabulary",
     "rejects": "Input rows that were not loaded, with source file, line, raw text and reason",
-    "runs": "One row per pipeline run: status, input, config JSON, seconds per stage",
+    "runs": "One row per pipeline run: kind (serve/evaluate), status, input, config JSON, seconds per stage",
     "run_stages": "One row per finished stage of a run (seconds, result JSON): progress, and what --resume skips",
-    "rating_splits": "The persisted train/test split every model stage reads (deterministic per seed)",
+    "rating_splits": "Per run: the train/test split every model stage reads (deterministic per seed; a serve run's is all train)",
     "predictions": "Held-out rating predictions per run and model",
     "als_user_factors": "Explicit ALS user factors of the latest run",
     "als_item_factors": "Explicit ALS movie factors of the latest run",
-    "similar_movies": "Top-K content neighbours per movie by cosine of genre/tag/genome/year vectors",
-    "metrics": "Evaluation metrics per run, model, metric and k",
+    "similar_movies": "Per run: top-K content neighbours per movie by cosine of genre/tag/genome/year vectors",
+    "metrics": "Metrics per run, model, metric and k; split 'test' (evaluate runs) or 'validation' (held out inside the run)",
     "top_n": "Evaluation top-N lists per run and ranking model (train movies excluded)",
-    "recommendations": "Final top-N per user and run, ranked by the hybrid model; rows of one run replaced together",
-    "features": "Hybrid model inputs per (user, movie): train rows out-of-fold (fold = the held-out fold), test rows from all of train",
+    "recommendations": "Final top-N per user of serve runs (learned from all ratings, never a rated movie); rows of one run replaced together",
+    "features": "Per run: hybrid model inputs per (user, movie): train rows out-of-fold (fold = the held-out fold), test and candidate rows from all of train",
     "feature_importances": "GBT feature importances of the hybrid model per run",
     "latest": "Pointer to the current output: per table, the latest succeeded run's run_id and the table version it wrote",
 }
@@ -138,7 +145,9 @@ def ensure_table(spark: SparkSession, warehouse: str, name: str, schema: T.Struc
     """Create the table with its contract schema, comment and properties if it does not exist."""
     path = table_path(warehouse, name)
     schema = schema or TABLE_SCHEMAS[name]
-    if not table_exists(spark, path):
+    if table_exists(spark, path):
+        _add_missing_columns(spark, path, name, schema)
+    else:
         b = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
         if name in TABLE_COMMENTS:
             b = b.comment(TABLE_COMMENTS[name])
@@ -149,6 +158,18 @@ def ensure_table(spark: SparkSession, warehouse: str, name: str, schema: T.Struc
         b.execute()
         log.info("created table %s", path)
     return path
+
+
+def _add_missing_columns(spark: SparkSession, path: str, name: str, schema: T.StructType) -> None:
+    """Columns the contract added since the table was created, added (nullable, so rows written
+    before read as null) before the first write that carries them: MERGE and plain appends do
+    not evolve a schema by themselves."""
+    have = {f.name for f in spark.read.format("delta").load(path).schema.fields}
+    missing = [f for f in schema.fields if f.name not in have]
+    if missing:
+        cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({cols})")
+        log.info("%s: added contract column(s) %s", name, ", ".join(f.name for f in missing))
 
 
 def conform(df: DataFrame, name: str, schema: T.StructType | None = None) -> DataFrame:
@@ -197,7 +218,7 @@ def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: 
     return stats
 
 
-def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, where: dict[str, str],
+def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, where: dict[str, str] | str,
                   schema: T.StructType | None = None, partition_by: list[str] | None = None,
                   fresh: bool = False) -> None:
     """Rewrite only the rows matching `where` (e.g. a run's rows of one model): idempotent reruns.
@@ -211,10 +232,16 @@ def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
     if fresh:
         w = w.mode("append")
     else:
-        cond = " AND ".join(f"`{c}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for c, v in where.items())
+        cond = where if isinstance(where, str) else " AND ".join(
+            f"`{c}` = {sql_literal(v)}" for c, v in where.items())
         w = w.mode("overwrite").option("replaceWhere", cond)
     # Columns the contract added since the table was created (nullable) are merged in.
     w.option("mergeSchema", "true").save(path)
+
+
+def sql_literal(v) -> str:
+    """A SQL string literal with quotes doubled (run ids and model names in conditions)."""
+    return "'" + str(v).replace("'", "''") + "'"
 
 
 def append(spark: SparkSession, df: DataFrame, warehouse: str, name: str) -> None:

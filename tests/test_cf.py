@@ -111,7 +111,8 @@ def test_cf_pipeline_end_to_end(spark, tmp_path):
 
     data = tmp_path / "gen"
     generate_dataset(data, users=150, movies=300, ratings=12_000, seed=5)
-    cfg = make_config(tmp_path / "wh", als__rank=8, als__max_iter=8, als_implicit__rank=8, als_implicit__max_iter=8)
+    cfg = make_config(tmp_path / "wh", als__rank=8, als__max_iter=8, als_implicit__rank=8, als_implicit__max_iter=8,
+                      pipeline__mode="evaluate")
     # A fresh run (no run id given): its per-run rows are appended, not replaceWhere'd.
     ctx = run_pipeline(spark, cfg, str(data), stages=["ingest", "split", "baselines", "als", "als_implicit", "evaluate"])
     assert ctx.fresh
@@ -165,7 +166,8 @@ def test_predefined_split_files(spark, tmp_path):
         "test.csv": "userId,movieId,rating\n2,1,2.5\n",
     })
     cfg = make_config(tmp_path / "wh", split__train_file=str(base / "u1.base"),
-                      split__test_file=str(base / "u1.test"), ingest__reject_threshold=0.9)
+                      split__test_file=str(base / "u1.test"), ingest__reject_threshold=0.9,
+                      pipeline__mode="evaluate")
     run_pipeline(spark, cfg, str(root), stages=["ingest", "split"], run_id="pre")
     s = tables.read_table(spark, cfg.paths.warehouse, "rating_splits")
     assert sorted((r.split, r.userId, r.movieId, r.rating) for r in s.collect()) == [
@@ -174,7 +176,8 @@ def test_predefined_split_files(spark, tmp_path):
     assert sorted((r.source, r.line, r.reason) for r in rej.collect()) == [
         ("u1.test", 2, "in_train"), ("u1.test", 3, "unknown_movie"), ("u1.test", 4, "wrong_column_count")]
     # A CSV without timestamps is accepted too.
-    cfg2 = make_config(tmp_path / "wh2", split__train_file=str(base / "u1.base"), split__test_file=str(base / "test.csv"))
+    cfg2 = make_config(tmp_path / "wh2", split__train_file=str(base / "u1.base"), split__test_file=str(base / "test.csv"),
+                       pipeline__mode="evaluate")
     run_pipeline(spark, cfg2, str(root), stages=["ingest", "split"], run_id="csv")
     t = tables.read_table(spark, cfg2.paths.warehouse, "rating_splits").where("split = 'test'").collect()
     assert [(r.userId, r.movieId, r.rating, r.rated_at) for r in t] == [(2, 1, 2.5, None)]

@@ -1,7 +1,8 @@
 """A real multi-process Spark standalone cluster: a master and 2 workers on 127.0.0.1, started
 with spark-class from the pyspark install; the pipeline spark-submitted to it exactly as README
 says (entry point jobs/pipeline.py, the package on --py-files, conf/cluster.yaml), compared with
-a local[2] run of the same stages; and a worker SIGKILLed while a job runs.
+a local[2] run of the same stages; a submit without --config, from a directory with no conf/, on
+the defaults packaged in the --py-files zip; and a worker SIGKILLed while a job runs.
 
 The stages are the distributed core (ingest, split, baselines, ALS; the worker-loss run redoes
 split and ALS on a copy of the first run's warehouse) on ml-latest-small, so the suite stays a few minutes; the whole pipeline goes through
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from pyspark.sql import functions as F
 
 from movierec_spark import tables
@@ -28,7 +30,8 @@ STAGES = ["ingest", "split", "baselines", "als"]
 # The worker-loss run starts from a copy of the first cluster run's ingested warehouse.
 LOSS_STAGES = ["split", "als"]
 # Both runs: the same model settings (checked below through the config each run recorded).
-OVERRIDES = dict(als__rank=10, als__max_iter=8, spark__shuffle_partitions=4)
+# Evaluate runs: what is compared is the held-out test part's predictions (a serve run has none).
+OVERRIDES = dict(als__rank=10, als__max_iter=8, spark__shuffle_partitions=4, pipeline__mode="evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +49,33 @@ def cluster(spark, tmp_path_factory):
         pytest.fail(str(e))
 
 
-def _submit(cluster, spark, ml_small: Path, wh: Path, run_id: str, stages: list[str] = STAGES) -> subprocess.Popen:
+def _submit(cluster, spark, ml_small: Path, wh: Path, run_id: str, stages: list[str] = STAGES,
+            packaged_defaults: Path | None = None) -> subprocess.Popen:
+    """spark-submit jobs/pipeline.py with conf/cluster.yaml and the test settings, from the repo
+    root as README runs it (conf paths in the config are relative to it); or, given
+    `packaged_defaults` (an empty directory), with no --config and no settings, from that
+    directory: the driver finds no conf/ and reads the defaults packaged in the --py-files zip."""
     from movierec_spark.session import cached_delta_jars
     from movierec_spark.standalone import package_archive
 
     jars = cached_delta_jars(make_config(wh))
     assert jars, "Delta jars are resolved by the session fixture first"
-    app = [str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "conf" / "cluster.yaml"),
-           "--input", str(ml_small), "--warehouse", str(wh), "--stages", ",".join(stages), "--run-id", run_id,
-           *cli_settings(**OVERRIDES)]
+    config = ["--config", str(REPO / "conf" / "cluster.yaml")] if packaged_defaults is None else []
+    settings = cli_settings(**OVERRIDES) if packaged_defaults is None else []
+    app = [str(REPO / "jobs" / "pipeline.py"), *config, "--input", str(ml_small), "--warehouse", str(wh),
+           "--stages", ",".join(stages), "--run-id", run_id, *settings]
     log4j = f"-Dlog4j.configurationFile=file:{REPO / 'conf' / 'log4j2.properties'}"
+    # A zip of the package alone (modules and package data), with no conf/ beside it.
     cmd = cluster.submit_command(app, jars, conf={"spark.driver.extraJavaOptions": log4j},
                                  py_files=[str(package_archive(cluster.root))])
     # The driver imports the package from --py-files, not from this checkout.
     env = {k: v for k, v in cluster.env.items() if k != "PYTHONPATH"}
-    # From the repo root, as README runs it (conf paths in the config are relative to it).
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cwd = REPO
+    if packaged_defaults is not None:
+        cwd = packaged_defaults
+        # Where the packaged log4j2 file is extracted to (not the user's ~/.cache).
+        env["XDG_CACHE_HOME"] = str(packaged_defaults / "cache")
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
@@ -69,7 +83,10 @@ def _outputs(spark, wh: Path, run_id: str) -> dict:
     def table(name):
         return tables.read_table(spark, str(wh), name)
 
-    split = {r.split: r["count"] for r in table("rating_splits").groupBy("split").count().collect()}
+    splits = table("rating_splits")
+    if "run_id" in splits.columns:  # one split per run: the worker-loss run's warehouse holds two
+        splits = splits.where(F.col("run_id") == run_id)
+    split = {r.split: r["count"] for r in splits.groupBy("split").count().collect()}
     err = F.col("prediction") - F.col("rating")
     metrics = {r.model: (r.n, r.rmse, r.mae) for r in table("predictions").where(f"run_id = '{run_id}'")
                .groupBy("model").agg(F.count(F.lit(1)).alias("n"), F.sqrt(F.avg(err * err)).alias("rmse"),
@@ -77,10 +94,10 @@ def _outputs(spark, wh: Path, run_id: str) -> dict:
     run = table("runs").where(f"run_id = '{run_id}'").first()
     cfg = {k: v for k, v in json.loads(run.config).items() if k not in ("spark", "paths")}
     return {
-        "counts": {n: table(n).count() for n in ("movies", "ratings", "tags", "links", "rating_splits",
-                                                 "als_user_factors", "als_item_factors")},
+        "counts": {**{n: table(n).count() for n in ("movies", "ratings", "tags", "links", "als_user_factors",
+                                                    "als_item_factors")}, "rating_splits": splits.count()},
         "split": split,
-        "split_rows": table("rating_splits").select("userId", "movieId", "split"),
+        "split_rows": splits.select("userId", "movieId", "split"),
         "metrics": metrics,
         "status": run.status,
         "config": cfg,
@@ -128,6 +145,31 @@ def test_spark_submit_to_a_standalone_cluster_matches_local(submitted, cluster, 
     _assert_same(spark, _outputs(spark, wh, "cl"), want)
     print(f"\nstages {STAGES} on ml-latest-small: local[2] in-process {local_s:.1f} s, "
           f"2-worker standalone cluster via spark-submit {cluster_s:.1f} s")
+
+
+def test_spark_submit_without_config_uses_the_packaged_defaults(cluster, spark, ml_small, local_run, tmp_path):
+    """`spark-submit --py-files <package zip> jobs/pipeline.py --input ... --warehouse ...` from a
+    directory without conf/: the defaults come from the zip's movierec_spark/conf/local.yaml and its
+    log4j2 file is extracted to a real file. Ingest only: what is tested is the loading."""
+    _, want, _ = local_run
+    work = tmp_path / "cwd"
+    work.mkdir()
+    p = _submit(cluster, spark, ml_small, tmp_path / "wh", "cl-defaults", ["ingest"], packaged_defaults=work)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-5000:]
+    assert not (work / "conf").exists()
+    assert f"config from {cluster.root / 'movierec_spark.zip' / 'movierec_spark' / 'conf' / 'local.yaml'}" in out
+    run = tables.read_table(spark, str(tmp_path / "wh"), "runs").where("run_id = 'cl-defaults'").first()
+    assert run.status == "succeeded"
+    recorded = json.loads(run.config)
+    defaults = yaml.safe_load((REPO / "movierec_spark" / "conf" / "local.yaml").read_text(encoding="utf-8"))
+    assert recorded["als"] == {**recorded["als"], **defaults["als"]}
+    assert recorded["spark"]["shuffle_partitions"] == defaults["spark"]["shuffle_partitions"]
+    log4j = Path(recorded["spark"]["log4j_config"])
+    assert log4j.is_relative_to(work / "cache") and log4j.is_file()
+    assert log4j.read_bytes() == (REPO / "movierec_spark" / "conf" / "log4j2.properties").read_bytes()
+    for name in ("movies", "ratings", "tags", "links"):
+        assert tables.read_table(spark, str(tmp_path / "wh"), name).count() == want["counts"][name], name
 
 
 def test_the_job_survives_losing_a_worker(submitted, cluster, spark, ml_small, local_run, tmp_path):

@@ -17,14 +17,14 @@ from movierec_spark.features import FEATURES
 def test_every_test_pair_gets_a_hybrid_prediction(hybrid_run):
     spark, cfg, _ = hybrid_run
     wh = cfg.paths.warehouse
-    test = tables.read_table(spark, wh, "rating_splits").where("split = 'test'")
+    test = tables.read_table(spark, wh, "rating_splits").where("split = 'test' AND run_id = 'hy'")
     preds = tables.read_table(spark, wh, "predictions").where("run_id = 'hy' AND model = 'hybrid'")
     assert preds.count() == test.count()
     assert preds.join(test, ["userId", "movieId"], "left_anti").count() == 0
     assert preds.where(F.isnan("prediction") | (F.col("prediction") < 0.5) | (F.col("prediction") > 5.0)).count() == 0
-    feats = tables.read_table(spark, wh, "features")
+    feats = tables.read_table(spark, wh, "features").where("run_id = 'hy'")
     # Train rows are out-of-fold: each appears once, in the fold its hash gives it.
-    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train'")
+    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train' AND run_id = 'hy'")
     tf = feats.where("split = 'train'")
     assert tf.count() == train.count() and tf.select("userId", "movieId").distinct().count() == train.count()
     assert feats.where(" OR ".join(f"isnan({c}) OR {c} IS NULL" for c in FEATURES)).count() == 0
@@ -32,12 +32,12 @@ def test_every_test_pair_gets_a_hybrid_prediction(hybrid_run):
     assert set(imp) == set(FEATURES) and math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
 
 
-def test_recommendations_contract(hybrid_run):
-    spark, cfg, _ = hybrid_run
+def test_recommendations_contract(serve_run):
+    spark, cfg, _ = serve_run
     wh = cfg.paths.warehouse
     n = cfg.evaluation.top_n
-    recs = tables.read_table(spark, wh, "recommendations").where("run_id = 'hy'")
-    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train'")
+    recs = tables.read_table(spark, wh, "recommendations").where("run_id = 'sv'")
+    train = tables.read_table(spark, wh, "rating_splits").where("split = 'train' AND run_id = 'sv'")
     # Every user with train ratings gets exactly n, ranked 1..n, none of them rated in train.
     per_user = recs.groupBy("userId").agg(F.count(F.lit(1)).alias("c"), F.max("rank").alias("m"))
     users = train.select("userId").distinct()
@@ -54,23 +54,31 @@ def test_recommendations_contract(hybrid_run):
     # Scores fall with rank.
     r = recs.alias("a").join(recs.alias("b"), (F.col("a.userId") == F.col("b.userId")) & (F.col("b.rank") == F.col("a.rank") + 1))
     assert r.where("b.score > a.score + 1e-12 AND a.source != 'popular_cold'").count() == 0
-    m = {(x.model, x.metric, x.k) for x in tables.read_table(spark, wh, "metrics").where("run_id = 'hy'").collect()}
-    assert ("hybrid", "rmse", None) in m and ("hybrid", "ndcg", 10) in m
+    # A serve run's quality figures are validation ones (rows held out inside the run).
+    m = {(x.model, x.metric, x.k, x.split) for x in tables.read_table(spark, wh, "metrics").where("run_id = 'sv'").collect()}
+    assert ("hybrid", "rmse", None, "validation") in m and ("hybrid", "ndcg", 10, "validation") in m
+    assert {x[3] for x in m} == {"validation"}
 
 
-def test_every_table_reads_the_same_in_delta_rs_and_duckdb(hybrid_run):
+@pytest.mark.parametrize("kind", ["evaluate", "serve"])
+def test_every_table_reads_the_same_in_delta_rs_and_duckdb(kind, request):
     """Interop: each table the pipeline wrote, read without a JVM (delta-rs, and DuckDB over
     the Arrow dataset delta-rs gives), has the row count Spark sees."""
     import duckdb
     from deltalake import DeltaTable as RsTable
 
-    spark, cfg, _ = hybrid_run
+    spark, cfg, _ = request.getfixturevalue("hybrid_run" if kind == "evaluate" else "serve_run")
     wh = cfg.paths.warehouse
     written = [n for n in tables.TABLE_SCHEMAS if tables.table_exists(spark, tables.table_path(wh, n))]
-    # Everything the full pipeline writes on a dataset without genome or demographics.
-    assert set(written) >= {"movies", "ratings", "tags", "links", "rejects", "runs", "rating_splits", "predictions",
-                            "als_user_factors", "als_item_factors", "similar_movies", "metrics", "top_n",
-                            "features", "feature_importances", "recommendations", "latest"}
+    # Everything the full pipeline writes on a dataset without genome or demographics: an
+    # evaluate run its held-out predictions, a serve run the recommendations `latest` names.
+    common = {"movies", "ratings", "tags", "links", "rejects", "runs", "rating_splits", "similar_movies", "metrics",
+              "top_n", "features", "feature_importances"}
+    # (The serve fixture skips explicit ALS, whose factor tables nothing it serves reads.)
+    own = ({"predictions", "als_user_factors", "als_item_factors"} if kind == "evaluate"
+           else {"recommendations", "latest"})
+    assert set(written) >= common | own
+    assert not set(written) & ({"recommendations", "latest"} if kind == "evaluate" else {"predictions"})
     for name in written:
         path = tables.table_path(wh, name)
         spark_rows = tables.read_table(spark, wh, name).count()
@@ -81,20 +89,20 @@ def test_every_table_reads_the_same_in_delta_rs_and_duckdb(hybrid_run):
         assert (name, ds.count_rows(), duck_rows) == (name, spark_rows, spark_rows)
 
 
-def test_latest_pointer_names_the_run_and_its_version(hybrid_run):
+def test_latest_pointer_names_the_run_and_its_version(serve_run):
     from movierec_spark import query
 
-    spark, cfg, _ = hybrid_run
+    spark, cfg, _ = serve_run
     wh = cfg.paths.warehouse
     row = tables.read_table(spark, wh, "latest").where("table_name = 'recommendations'").collect()
-    assert len(row) == 1 and row[0].run_id == "hy"
+    assert len(row) == 1 and row[0].run_id == "sv"
     # The version it names holds that run's rows (time travel to it gives the same list).
     at = spark.read.format("delta").option("versionAsOf", row[0].table_version).load(
-        tables.table_path(wh, "recommendations")).where("run_id = 'hy'").count()
-    assert at == tables.read_table(spark, wh, "recommendations").where("run_id = 'hy'").count() > 0
+        tables.table_path(wh, "recommendations")).where("run_id = 'sv'").count()
+    assert at == tables.read_table(spark, wh, "recommendations").where("run_id = 'sv'").count() > 0
     user = tables.read_table(spark, wh, "recommendations").first().userId
     got = query.recs(wh, user)
-    assert got.meta["run_id"] == "hy" and "table `latest`" in got.notes[0] and got.rows
+    assert got.meta["run_id"] == "sv" and "table `latest`" in got.notes[0] and got.rows
 
 
 def test_shuffled_labels_do_not_beat_the_bias_baseline(hybrid_run):
@@ -105,14 +113,14 @@ def test_shuffled_labels_do_not_beat_the_bias_baseline(hybrid_run):
 
     spark, cfg, _ = hybrid_run
     wh = cfg.paths.warehouse
-    feats = tables.read_table(spark, wh, "features")
+    feats = tables.read_table(spark, wh, "features").where("run_id = 'hy'")
     train = feats.where("split = 'train'")
     order = lambda seed: F.row_number().over(__import__("pyspark.sql", fromlist=["Window"]).Window.orderBy(  # noqa: E731
         F.xxhash64("userId", "movieId", F.lit(seed))))
     keyed = train.withColumn("i", order(1)).drop("label")
     labels = train.select(F.col("label"), order(2).alias("i"))
     shuffled = keyed.join(labels, "i").drop("i")
-    model, _ = fit_hybrid(shuffled, cfg.hybrid, 42)
+    model, _, _ = fit_hybrid(shuffled, cfg.hybrid, 42)
     test = feats.where("split = 'test'")
     rmse = rating_metrics(predict_hybrid(model, test).select(F.col("label").alias("rating"), "prediction"))["rmse"]
     bias = rating_metrics(test.select(F.col("label").alias("rating"), F.col("baseline").alias("prediction")))["rmse"]
@@ -136,7 +144,8 @@ def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hy
     h = dataclasses.replace(cfg.hybrid, max_train_rows=1000)
     big = dataclasses.replace(cfg, hybrid=h, paths=dataclasses.replace(cfg.paths, warehouse=wh))
     res = run_pipeline(spark, big, None, stages=["features"], run_id="hy-plan").results["features"]
-    splits = tables.read_table(spark, wh, "rating_splits")
+    # A run that wrote no split of its own reads the newest one of its kind: hy's.
+    splits = tables.read_table(spark, wh, "rating_splits").where("run_id = 'hy'")
     train = splits.where("split = 'train'")
     n_train = train.count()
     assert res["oof_folds"] == 1 and res["test_features"] == "fold"
@@ -145,7 +154,7 @@ def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hy
     seed = cfg.pipeline.seed
     fold0 = train.where(F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(2)) == 0)
     rest = train.join(fold0.select("userId", "movieId"), ["userId", "movieId"], "left_anti")
-    feats = tables.read_table(spark, wh, "features")
+    feats = tables.read_table(spark, wh, "features").where("run_id = 'hy-plan'")
     tr = feats.where("split = 'train'")
     want = fold0.where(gbt_sample(seed, frac))
     assert tr.count() == want.count() and 800 <= tr.count() <= 1200
@@ -166,7 +175,8 @@ def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
 
     spark, cfg, _ = hybrid_run
     wh = cfg.paths.warehouse
-    before = tables.read_table(spark, wh, "features").where("split = 'train'").orderBy("userId", "movieId").first()
+    before = (tables.read_table(spark, wh, "features").where("split = 'train' AND run_id = 'hy'")
+              .orderBy("userId", "movieId").first())
     u, m = before.userId, before.movieId
     dt = DeltaTable.forPath(spark, tables.table_path(wh, "rating_splits"))
     new = 0.5 if before.label > 2.5 else 5.0
@@ -176,7 +186,8 @@ def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
     # one-at-a-time path that built `before`.
     threaded = dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, feature_threads=2))
     run_pipeline(spark, threaded, None, stages=["features"], run_id="hy-changed")
-    after = tables.read_table(spark, wh, "features").where(f"userId = {u} AND movieId = {m} AND split = 'train'").first()
+    after = tables.read_table(spark, wh, "features").where(
+        f"userId = {u} AND movieId = {m} AND split = 'train' AND run_id = 'hy-changed'").first()
     assert after.label == new  # the label moved...
     for c in FEATURES:  # ...its features did not (float tolerance for ALS's summation order)
         assert getattr(after, c) == pytest.approx(getattr(before, c), rel=1e-4, abs=1e-4), c

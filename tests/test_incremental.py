@@ -31,7 +31,7 @@ def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_pa
 
     generate_dataset(tmp_path / "full", users=30, movies=60, ratings=1_200, seed=3)
     wh = tmp_path / "wh"
-    cfg = make_config(wh)
+    cfg = make_config(wh, pipeline__mode="evaluate")
     run_pipeline(spark, cfg, str(tmp_path / "full"), stages=STAGES, run_id="r1")
 
     with open(tmp_path / "full" / "ratings.csv", newline="") as f:
@@ -49,7 +49,7 @@ def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_pa
         w.writerow([old["userId"], old["movieId"], changed_value, int(old["timestamp"]) + 60])
         w.writerow([old["userId"], new_movie, 4.0, int(old["timestamp"]) + 120])
 
-    inc = make_config(wh, ingest__incremental=True)
+    inc = make_config(wh, ingest__incremental=True, pipeline__mode="evaluate")
     ctx = run_pipeline(spark, inc, str(newer), stages=STAGES, run_id="r2")
     assert ctx.results["ingest"]["changed"] == 2 and "skipped" not in ctx.results
 
@@ -59,7 +59,7 @@ def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_pa
     assert ratings.where((F.col("userId") == u) & (F.col("movieId") == m)).first().rating == changed_value
     # The next run's outputs saw it: the split carries the new value, and the global-mean
     # prediction of run r2 is the mean of a train part that includes it.
-    splits = tables.read_table(spark, str(wh), "rating_splits")
+    splits = tables.read_table(spark, str(wh), "rating_splits").where("run_id = 'r2'")
     got = splits.where((F.col("userId") == u) & (F.col("movieId") == m)).first()
     assert got.rating == changed_value
     train_mean = splits.where("split = 'train'").agg(F.avg("rating")).first()[0]

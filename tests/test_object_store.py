@@ -105,7 +105,7 @@ def test_pipeline_reads_and_writes_s3(s3, tmp_path):
             client.upload_file(str(f), BUCKET, f"input/{f.name}")
     wh = f"s3a://{BUCKET}/wh"
     env = _env(endpoint)
-    p = _run(["run", "--input", f"s3a://{BUCKET}/input", "--warehouse", wh, "--run-id", "s3",
+    p = _run(["evaluate", "--input", f"s3a://{BUCKET}/input", "--warehouse", wh, "--run-id", "s3",
               "--stages", "ingest,split,baselines,als_implicit,evaluate",
               "--set", f"spark.packages=[\"{HADOOP_AWS}\"]", *_s3a_conf(endpoint),
               *cli_settings(paths__data_dir=str(tmp_path / "data"), als_implicit__rank=4, als_implicit__max_iter=3)],
@@ -116,7 +116,7 @@ def test_pipeline_reads_and_writes_s3(s3, tmp_path):
     keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="wh/")
             for o in page.get("Contents", [])}
     assert any(k.startswith("wh/ratings/_delta_log/") for k in keys)
-    assert any(k.startswith("wh/_models/als_implicit/") for k in keys)  # MLlib's writer on s3a too
+    assert any(k.startswith("wh/_models/s3/als_implicit/") for k in keys)  # MLlib's writer on s3a too
 
     # Read back without a JVM, straight from S3.
     opts = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": KEY,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, Field, write_deltalake
 
 from movierec_spark import cli, query
 
@@ -53,15 +53,30 @@ def arrow_type(t) -> pa.DataType:
     raise TypeError(f"no pyarrow type for {t}")
 
 
-def arrow_schema(name: str) -> pa.Schema:
+# Columns the serve/evaluate contract added: tables written before it lack them.
+LEGACY_MISSING = {
+    "runs": ["kind"],
+    "recommendations": ["predicted_rating"],
+    "similar_movies": ["run_id"],
+    "rating_splits": ["run_id"],
+    "features": ["run_id"],
+}
+
+
+def arrow_schema(name: str, legacy: bool = False) -> pa.Schema:
+    """The contract's schema of `name`; `legacy`: as written before serve/evaluate runs."""
     from movierec_spark.tables import TABLE_SCHEMAS
 
-    return pa.schema([pa.field(f.name, arrow_type(f.dataType), f.nullable) for f in TABLE_SCHEMAS[name].fields])
+    drop = set(LEGACY_MISSING.get(name, [])) if legacy else set()
+    return pa.schema([pa.field(f.name, arrow_type(f.dataType), f.nullable) for f in TABLE_SCHEMAS[name].fields
+                      if f.name not in drop])
 
 
-def write_table(warehouse: Path, name: str, rows: list[dict] | pa.Table, mode: str = "append") -> None:
-    data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=arrow_schema(name))
-    write_deltalake(str(Path(warehouse) / name), data.cast(arrow_schema(name)), mode=mode)
+def write_table(warehouse: Path, name: str, rows: list[dict] | pa.Table, mode: str = "append",
+                legacy: bool = False) -> None:
+    schema = arrow_schema(name, legacy)
+    data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    write_deltalake(str(Path(warehouse) / name), data.cast(schema), mode=mode)
 
 
 def utc(day: int, hour: int = 12) -> dt.datetime:
@@ -82,10 +97,12 @@ MOVIES = [
     (6934, "Matrix Revolutions, The (2003)", 2003, ["Action", "Sci-Fi"]),
 ]
 
-# (run_id, started day, status): run-a is the latest succeeded run with recommendations; run-c
-# is later but failed; run-d succeeded later still but wrote no recommendations; and "run-c" is
-# the largest run_id, which is what a warehouse without a runs table falls back to.
-RUNS = [("run-b", 1, "succeeded"), ("run-a", 2, "succeeded"), ("run-c", 3, "failed"), ("run-d", 4, "succeeded")]
+# (run_id, started day, status, kind): run-a is the latest succeeded run with recommendations;
+# run-c is later but failed; run-d (an evaluate run) succeeded later still and wrote no
+# recommendations; and "run-c" is the largest run_id, which is what a warehouse without a runs
+# table falls back to.
+RUNS = [("run-b", 1, "succeeded", "serve"), ("run-a", 2, "succeeded", "serve"), ("run-c", 3, "failed", "serve"),
+        ("run-d", 4, "succeeded", "evaluate")]
 
 RECS = {  # run -> user -> movieIds in rank order
     "run-b": {1: [2571, 1, 3], 2: [527, 1411]},
@@ -100,8 +117,23 @@ def rec_rows(run: str) -> list[dict]:
         for rank, movie in enumerate(movies, 1):
             out.append({"run_id": run, "userId": user, "rank": rank, "movieId": movie,
                         "score": round(5.0 - rank / 10, 2), "source": "content" if movie == 2 else "hybrid",
-                        "because_movieId": 1 if movie == 2 else None})
+                        "because_movieId": 1 if movie == 2 else None,
+                        "predicted_rating": round(4.5 - rank / 4, 2)})
     return out
+
+
+def run_row(run: str, day: int, status: str = "succeeded", kind: str | None = "serve",
+            finished: dt.datetime | None = None) -> dict:
+    return {"run_id": run, "started_at": utc(day), "status": status, "kind": kind,
+            "finished_at": finished if finished is not None else utc(day, 13) if status != "running" else None,
+            "input": "data/ml-latest-small", "config": "{}",
+            "stage_seconds": [("ingest", 30.0 + day), ("als", 60.5), ("evaluate", 12.25)],
+            "error": "boom: executor lost\nat line 2" if status == "failed" else None}
+
+
+def latest_rows(**pointers: str) -> list[dict]:
+    """`latest` rows: table name -> run id."""
+    return [{"table_name": t, "run_id": r, "table_version": 0, "updated_at": utc(28)} for t, r in pointers.items()]
 
 
 def metric_rows(run: str, shift: float = 0.0) -> list[dict]:
@@ -117,7 +149,9 @@ def metric_rows(run: str, shift: float = 0.0) -> list[dict]:
     return rows
 
 
-def build_warehouse(root: Path, runs: bool = True, ratings: bool = True) -> Path:
+def build_warehouse(root: Path, runs: bool = True, ratings: bool = True, legacy: bool = False) -> Path:
+    """The shared small warehouse; `legacy`: tables as written before serve/evaluate runs (no
+    runs.kind, recommendations.predicted_rating or similar_movies.run_id)."""
     wh = root / "warehouse"
     write_table(wh, "movies", [{"movieId": m, "title": t, "year": y, "genres": g} for m, t, y, g in MOVIES])
     if ratings:
@@ -127,26 +161,23 @@ def build_warehouse(root: Path, runs: bool = True, ratings: bool = True) -> Path
         write_table(wh, "ratings", rows)
     # Three versions of recommendations: 0 = run-b, 1 = + run-a, 2 = + run-c.
     for run in ("run-b", "run-a", "run-c"):
-        write_table(wh, "recommendations", rec_rows(run))
+        write_table(wh, "recommendations", rec_rows(run), legacy=legacy)
         time.sleep(0.02)  # distinct commit timestamps for --as-of
-    write_table(wh, "similar_movies", [
-        {"movieId": 2571, "similar_movieId": s, "rank": r, "similarity": v}
-        for r, (s, v) in enumerate([(6365, 0.91), (6934, 0.88), (293, 0.42), (1, 0.05)], 1)
-    ] + [{"movieId": 3598, "similar_movieId": 1411, "rank": 1, "similarity": 0.97}])
+    write_table(wh, "similar_movies", similar_rows("run-a"), legacy=legacy)
     write_table(wh, "metrics", metric_rows("run-b", 0.1) + metric_rows("run-a"))
     write_table(wh, "feature_importances", [
         {"run_id": "run-a", "feature": f, "importance": v}
         for f, v in (("als_prediction", 0.41), ("UAvg", 0.22), ("MAvg", 0.18), ("sur1", 0.1), ("GAvg", 0.09))
     ])
     if runs:
-        write_table(wh, "runs", [
-            {"run_id": r, "started_at": utc(d), "finished_at": utc(d, 13) if s != "running" else None, "status": s,
-             "input": "data/ml-latest-small", "config": "{}",
-             "stage_seconds": [("ingest", 30.0 + d), ("als", 60.5), ("evaluate", 12.25)],
-             "error": "boom: executor lost\nat line 2" if s == "failed" else None}
-            for r, d, s in RUNS
-        ])
+        write_table(wh, "runs", [run_row(r, d, s, k) for r, d, s, k in RUNS], legacy=legacy)
     return wh
+
+
+def similar_rows(run: str, neighbours=((6365, 0.91), (6934, 0.88), (293, 0.42), (1, 0.05))) -> list[dict]:
+    return [{"run_id": run, "movieId": 2571, "similar_movieId": s, "rank": r, "similarity": v}
+            for r, (s, v) in enumerate(neighbours, 1)] + \
+        [{"run_id": run, "movieId": 3598, "similar_movieId": 1411, "rank": 1, "similarity": 0.97}]
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +202,15 @@ def titles(result: query.Result) -> list[str]:
 def test_schema_helper_matches_the_contract(wh):
     schema = DeltaTable(str(wh / "runs")).schema().to_arrow()
     assert pa.schema(schema).field("stage_seconds").type == pa.map_(pa.string(), pa.float64())
+    assert pa.schema(schema).field("kind").type == pa.string()
     rec = pa.schema(DeltaTable(str(wh / "recommendations")).schema().to_arrow())
-    assert rec.names == ["run_id", "userId", "rank", "movieId", "score", "source", "because_movieId"]
-    assert rec.field("userId").type == pa.int32()
+    assert rec.names[:6] == ["run_id", "userId", "rank", "movieId", "score", "source"]
+    assert set(rec.names) == {"run_id", "userId", "rank", "movieId", "score", "source", "because_movieId",
+                              "predicted_rating"}
+    assert rec.field("userId").type == pa.int32() and rec.field("predicted_rating").type == pa.float64()
+    sim = pa.schema(DeltaTable(str(wh / "similar_movies")).schema().to_arrow())
+    assert "run_id" in sim.names
+    assert "predicted_rating" not in arrow_schema("recommendations", legacy=True).names
 
 
 def test_recs_default_run_is_latest_succeeded_with_recommendations(wh):
@@ -185,7 +222,7 @@ def test_recs_default_run_is_latest_succeeded_with_recommendations(wh):
     assert r.rows[2]["source"] == "content" and r.rows[2]["because_title"] == "Toy Story (1995)"
     assert r.rows[0]["genres"] == ["Action", "Sci-Fi"]
     assert r.rows[0]["score"] == pytest.approx(4.9)
-    assert "latest succeeded run" in r.notes[0]
+    assert "latest succeeded run" in r.notes[0] and "(newer evaluate runs skipped)" in r.notes[0]  # run-d
 
 
 def test_recs_explicit_run_and_top_n(wh):
@@ -429,3 +466,174 @@ def test_rows_of_keeps_timestamps_in_utc(wh):
     rows = query.rows_of(query.scan(DeltaTable(str(wh / "runs")), ["run_id", "started_at"], order_by=["started_at"]))
     assert rows[0] == {"run_id": "run-b", "started_at": utc(1)}
     assert rows[0]["started_at"].tzinfo is not None
+
+
+# ------------------------------------------------------------------------------------------
+# serve and evaluate runs
+
+
+def kinds_warehouse(root: Path, runs: list[dict], recs: dict[str, dict[int, list[int]]] | None = None,
+                    latest: dict[str, str] | None = None) -> Path:
+    """movies, runs, recommendations (run -> user -> movieIds) and optionally `latest`."""
+    wh = root / "warehouse"
+    write_table(wh, "movies", [{"movieId": m, "title": t, "year": y, "genres": g} for m, t, y, g in MOVIES])
+    write_table(wh, "runs", runs)
+    rows = []
+    for run, users in (recs or {}).items():
+        for user, movies in users.items():
+            rows += [{"run_id": run, "userId": user, "rank": i, "movieId": m, "score": 1.0 / i, "source": "hybrid",
+                      "because_movieId": None, "predicted_rating": 4.0} for i, m in enumerate(movies, 1)]
+    if rows:
+        write_table(wh, "recommendations", rows)
+    if latest:
+        write_table(wh, "latest", latest_rows(**latest))
+    return wh
+
+
+def test_recs_never_answers_from_an_evaluate_run(tmp_path):
+    # The evaluate run is the newest succeeded run and (against the contract, say from a buggy
+    # writer) even has rows in recommendations: the serve run still answers.
+    runs = [run_row("legacy", 1, kind=None), run_row("serve-1", 2), run_row("eval-1", 3, kind="evaluate")]
+    recs = {"legacy": {1: [1]}, "serve-1": {1: [2571, 6365]}, "eval-1": {1: [527]}}
+    wh = kinds_warehouse(tmp_path / "a", runs, recs)
+    r = query.recs(str(wh), 1)
+    assert r.meta["run_id"] == "serve-1" and [x["movieId"] for x in r.rows] == [2571, 6365]
+    assert "latest succeeded run with recommendations (newer evaluate runs skipped)" in r.notes[0]
+    # With the `latest` pointer the pointed serve run answers, whatever is newer.
+    wh = kinds_warehouse(tmp_path / "b", runs, recs, latest={"recommendations": "serve-1"})
+    r = query.recs(str(wh), 1)
+    assert r.meta["run_id"] == "serve-1" and "table `latest`" in r.notes[0]
+    # A run with no kind (written before serve/evaluate runs) counts as serve; evaluate still not.
+    wh = kinds_warehouse(tmp_path / "c", [runs[0], runs[2]], {"legacy": recs["legacy"], "eval-1": recs["eval-1"]})
+    r = query.recs(str(wh), 1)
+    assert r.meta["run_id"] == "legacy" and [x["movieId"] for x in r.rows] == [1]
+    # --run still reads an evaluate run's rows when asked by name.
+    assert [x["movieId"] for x in query.recs(str(wh), 1, run="eval-1").rows] == [527]
+    # Only evaluate rows: say so rather than serve them.
+    wh = kinds_warehouse(tmp_path / "d", [runs[2]], {"eval-1": recs["eval-1"]})
+    with pytest.raises(query.QueryError, match=r"rows of evaluate runs only \(eval-1\).*serve run"):
+        query.recs(str(wh), 1)
+
+
+def test_recs_shows_predicted_rating(wh, tmp_path, capsys):
+    r = query.recs(str(wh), 1)
+    assert r.columns[4:6] == ["score", "predicted_rating"]
+    assert [x["predicted_rating"] for x in r.rows] == [4.25, 4.0, 3.75]
+    code, out, _ = run_cli(capsys, "query", "recs", "--warehouse", wh, "--user", 1, "--format", "json")
+    assert code == 0 and [x["predicted_rating"] for x in json.loads(out)["rows"]] == [4.25, 4.0, 3.75]
+    code, out, _ = run_cli(capsys, "query", "recs", "--warehouse", wh, "--user", 1)
+    header = next(x for x in out.splitlines() if x.startswith("rank"))
+    assert header.split()[4:6] == ["score", "predicted_rating"]
+    assert "4.2500" in out
+    # A table written before the column existed: the column is there, empty.
+    old = build_warehouse(tmp_path, legacy=True)
+    r = query.recs(str(old), 1)
+    assert r.meta["run_id"] == "run-a" and "predicted_rating" in r.columns
+    assert [x["predicted_rating"] for x in r.rows] == [None, None, None]
+    assert [x["score"] for x in r.rows] == [4.9, 4.8, 4.7]
+
+
+def two_runs_of_similar(root: Path, latest: dict[str, str] | None = None, legacy_rows: bool = False) -> Path:
+    """similar_movies rows of an older serve run, a newer serve run and a newest evaluate run."""
+    wh = root / "warehouse"
+    write_table(wh, "movies", [{"movieId": m, "title": t, "year": y, "genres": g} for m, t, y, g in MOVIES])
+    write_table(wh, "runs", [run_row("old", 1), run_row("new", 2), run_row("eval", 3, kind="evaluate"),
+                             run_row("broken", 4, status="failed")])
+    if legacy_rows:  # rows from before the column existed read as null run_id
+        write_table(wh, "similar_movies", pa.Table.from_pylist(
+            [{"movieId": 2571, "similar_movieId": 3, "rank": 1, "similarity": 0.5}],
+            schema=arrow_schema("similar_movies", legacy=True)), legacy=True)
+        DeltaTable(str(wh / "similar_movies")).alter.add_columns(
+            [Field("run_id", "string", nullable=True)])
+    write_table(wh, "similar_movies", similar_rows("old", [(6934, 0.8), (1, 0.2)]))
+    write_table(wh, "similar_movies", similar_rows("new", [(6365, 0.91), (293, 0.42)]))
+    write_table(wh, "similar_movies", similar_rows("eval", [(527, 0.99)]))
+    write_table(wh, "similar_movies", similar_rows("broken", [(29, 0.99)]))
+    if legacy_rows:
+        assert DeltaTable(str(wh / "similar_movies")).to_pyarrow_table().column("run_id").null_count == 1
+    if latest:
+        write_table(wh, "latest", latest_rows(**latest))
+    return wh
+
+
+def test_similar_reads_only_the_pointed_runs_rows(tmp_path, capsys):
+    wh = two_runs_of_similar(tmp_path / "a", latest={"similar_movies": "old", "recommendations": "old"})
+    r = query.similar(str(wh), movie=2571)
+    assert [x["movieId"] for x in r.rows] == [6934, 1] and [x["rank"] for x in r.rows] == [1, 2]
+    assert r.meta["run_id"] == "old"
+    assert "neighbours from run old: the current similar_movies (table `latest`)" in r.notes
+    code, out, _ = run_cli(capsys, "query", "similar", "--warehouse", wh, "--title", "matrix")
+    assert code == 0 and "# neighbours from run old" in out and "Matrix Revolutions" in out
+    assert "Reloaded" not in out
+    # No pointer: the newest succeeded serve run present (not the newer evaluate or failed run).
+    wh = two_runs_of_similar(tmp_path / "b")
+    r = query.similar(str(wh), movie=2571)
+    assert r.meta["run_id"] == "new" and [x["movieId"] for x in r.rows] == [6365, 293]
+    assert "neighbours from run new: the latest succeeded serve run with similar_movies" in r.notes
+    # A pointer to a run with no rows there: the same fallback, and the note says so.
+    wh = two_runs_of_similar(tmp_path / "d", latest={"similar_movies": "gone"})
+    r = query.similar(str(wh), movie=2571)
+    assert r.meta["run_id"] == "new" and "(table `latest` names run gone, which has no rows there)" in r.notes[-1]
+    # Rows written before the column existed (null run_id) are not mixed in either.
+    wh = two_runs_of_similar(tmp_path / "c", legacy_rows=True)
+    assert [x["movieId"] for x in query.similar(str(wh), movie=2571).rows] == [6365, 293]
+
+
+def test_similar_on_a_legacy_table_reads_every_row(tmp_path):
+    wh = build_warehouse(tmp_path, legacy=True)
+    r = query.similar(str(wh), movie=2571)
+    assert [x["movieId"] for x in r.rows] == [6365, 6934, 293, 1]
+    assert r.meta["run_id"] is None and not any("neighbours from run" in n for n in r.notes)
+
+
+def validation_rows(run: str) -> list[dict]:
+    """A serve run's metrics: the hybrid's validation RMSE/MAE and ranking metrics only."""
+    rows = [{"run_id": run, "model": "hybrid", "metric": m, "k": None, "value": v, "split": "validation"}
+            for m, v in (("rmse", 0.81), ("mae", 0.62))]
+    rows += [{"run_id": run, "model": "hybrid", "metric": m, "k": k, "value": v * k / 10, "split": "validation"}
+             for k in (5, 10) for m, v in (("precision", 0.3), ("ndcg", 0.4))]
+    return rows
+
+
+def test_metrics_default_to_validation_for_a_serve_run_and_say_so(tmp_path, capsys):
+    wh = tmp_path / "warehouse"
+    write_table(wh, "runs", [run_row("eval-1", 1, kind="evaluate"), run_row("serve-1", 2)])
+    write_table(wh, "metrics", metric_rows("eval-1") + validation_rows("eval-1") + validation_rows("serve-1"))
+    r = query.metrics(str(wh))
+    assert r.meta["run_id"] == "serve-1" and r.meta["split"] == "validation"
+    assert r.columns == ["model", "rmse", "mae", "precision@10", "ndcg@10"]
+    assert r.rows == [{"model": "hybrid", "rmse": 0.81, "mae": 0.62, "precision@10": 0.3, "ndcg@10": 0.4}]
+    assert any(n.startswith("VALIDATION figures, not test figures: run serve-1's metrics on rows it held out "
+                            "of training within the run") and "not on a held-out test part" in n for n in r.notes)
+    assert "run eval-1 has test figures: --run eval-1" in r.notes
+    code, out, _ = run_cli(capsys, "query", "metrics", "--warehouse", wh)
+    assert code == 0 and "# VALIDATION figures, not test figures" in out and "0.8100" in out
+    code, out, _ = run_cli(capsys, "query", "metrics", "--warehouse", wh, "--format", "json")
+    doc = json.loads(out)
+    assert doc["split"] == "validation" and any("VALIDATION" in n for n in doc["notes"])
+    # An evaluate run: test figures by default, its validation figures on request, labelled.
+    r = query.metrics(str(wh), run="eval-1")
+    assert r.meta["split"] == "test" and r.rows[0]["model"] == "global_mean"
+    assert any("also has validation figures" in n for n in r.notes)
+    assert not any("VALIDATION" in n for n in r.notes)
+    r = query.metrics(str(wh), run="eval-1", split="validation")
+    assert r.meta["split"] == "validation" and [x["model"] for x in r.rows] == ["hybrid"]
+    assert r.rows[0]["rmse"] == 0.81 and any("VALIDATION figures" in n for n in r.notes)
+    code, out, _ = run_cli(capsys, "query", "metrics", "--warehouse", wh, "--run", "eval-1", "--split", "validation",
+                           "--format", "csv")
+    assert code == 0 and list(csv.DictReader(io.StringIO(out)))[0]["rmse"] == "0.81"
+    with pytest.raises(query.QueryError, match="run serve-1 has metrics for validation"):
+        query.metrics(str(wh), split="test")
+
+
+def test_runs_show_their_kind(wh, tmp_path, capsys):
+    r = query.runs(str(wh))
+    assert r.columns[:3] == ["run_id", "kind", "status"]
+    assert [(x["run_id"], x["kind"]) for x in r.rows] == [("run-b", "serve"), ("run-a", "serve"), ("run-c", "serve"),
+                                                         ("run-d", "evaluate")]
+    assert r.notes == []
+    code, out, _ = run_cli(capsys, "query", "runs", "--warehouse", wh)
+    assert next(x for x in out.splitlines() if x.startswith("run-d")).split()[1:3] == ["evaluate", "succeeded"]
+    old = query.runs(str(build_warehouse(tmp_path, legacy=True)))
+    assert [x["kind"] for x in old.rows] == [None] * 4
+    assert "predates serve/evaluate runs" in old.notes[0]

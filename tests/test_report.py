@@ -82,3 +82,52 @@ def test_report_out_must_be_a_directory(tmp_path, capsys):
     code = cli.main(["report", "--warehouse", str(wh), "--out", str(target)])
     _, err = capsys.readouterr()
     assert code == cli.EXIT_USAGE and "is a file" in err
+
+
+def test_report_of_a_serve_only_warehouse_labels_validation_figures(tmp_path, capsys):
+    from tests.test_query import MOVIES, run_row, validation_rows, write_table
+
+    wh = tmp_path / "warehouse"
+    write_table(wh, "movies", [{"movieId": m, "title": t, "year": y, "genres": g} for m, t, y, g in MOVIES])
+    write_table(wh, "runs", [run_row("serve-1", 1), run_row("serve-2", 2)])
+    write_table(wh, "metrics", validation_rows("serve-1") + validation_rows("serve-2"))
+    out = tmp_path / "r"
+    code = cli.main(["report", "--warehouse", str(wh), "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert '<h2 id="metrics-validation">Validation metrics of run serve-2 (validation split, ranking at k = 10)' \
+        in page
+    assert 'id="metrics-test"' not in page and "Metrics of run" not in page
+    assert "VALIDATION figures, not test figures: run serve-2&#x27;s metrics on rows it held out of training" in page
+    assert "0.8100" in page and "0.6200" in page  # the hybrid's validation RMSE and MAE
+    assert "<h2>Model comparison: rating error (validation)</h2>" in page
+    assert "<h2>Ranking quality at k = 1..20 (validation)</h2>" in page
+    assert page.count("VALIDATION figures of run serve-2, not test figures") == 2  # both plot captions
+    assert (out / "model_comparison.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (out / "ranking_at_k.png").read_bytes().startswith(PNG_SIGNATURE)
+    info = report.write_report(str(wh), str(tmp_path / "r2"), run="serve-1")
+    assert info["run_id"] == "serve-1" and info["split"] == "validation"
+
+
+def test_report_of_an_evaluate_run_shows_test_figures_and_labelled_validation_ones(tmp_path):
+    from tests.test_query import metric_rows, run_row, validation_rows, write_table
+
+    wh = build_warehouse(tmp_path)
+    write_table(wh, "runs", [run_row("eval-1", 20, kind="evaluate"), run_row("serve-1", 21)])
+    write_table(wh, "metrics", metric_rows("eval-1") + validation_rows("eval-1") + validation_rows("serve-1"))
+    info = report.write_report(str(wh), str(tmp_path / "e"), run="eval-1")
+    page = (tmp_path / "e" / "index.html").read_text(encoding="utf-8")
+    assert info["split"] == "test"
+    test_at = page.index('<h2 id="metrics-test">Metrics of run eval-1 (test split')
+    val_at = page.index('<h2 id="metrics-validation">Validation metrics of run eval-1 (validation split')
+    assert test_at < val_at
+    assert "0.8700" in page[test_at:val_at] and "0.8100" in page[val_at:]  # als test rmse; hybrid validation rmse
+    assert "VALIDATION figures, not test figures" in page[val_at:]
+    assert "VALIDATION" not in page[:val_at]
+    assert "<h2>Model comparison: rating error</h2>" in page  # the plots are of the test figures
+    # The default run (the serve run, newest) has validation figures only; the page points at the test ones.
+    info = report.write_report(str(wh), str(tmp_path / "d"))
+    page = (tmp_path / "d" / "index.html").read_text(encoding="utf-8")
+    assert info["run_id"] == "serve-1" and info["split"] == "validation"
+    assert "Run eval-1 has test figures: <code>movierec report --run eval-1</code>" in page

@@ -1,0 +1,120 @@
+"""A serve run and an evaluate run on the same data, as whole `movierec` processes, side by side.
+
+    python benchmarks/serve_benchmark.py [--input ../shared/datasets/ml-latest-small] [--work DIR]
+                                         [--set KEY=VALUE ...]
+
+Runs `movierec run` (serve: every rating, writes recommendations) and then `movierec evaluate`
+(held-out test part: the configured split, random 80/20 by default) into one fresh warehouse,
+one at a time, and prints and writes to benchmarks/results/serve-evaluate-<data>.md:
+- seconds per stage of each run (from `runs.stage_seconds`) and each process's wall time;
+- how many served rows are movies the user rated (must be 0), and users served;
+- the serve run's validation metrics next to the evaluate run's test (and validation) metrics;
+- whether `recommendations` and `latest` stayed as the serve run left them through the evaluate run.
+Tables are read back with delta-rs (no JVM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = REPO.parent / "shared" / "datasets" / "ml-latest-small"
+
+
+def movierec(cmd: str, data: str, wh: Path, run_id: str, sets: list[str]) -> float:
+    args = [sys.executable, "-m", "movierec_spark.cli", cmd, "--input", data, "--warehouse", str(wh),
+            "--run-id", run_id]
+    for s in sets:
+        args += ["--set", s]
+    print("$", " ".join(args[2:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(args, cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
+def table(wh: Path, name: str):
+    return DeltaTable(str(wh / name))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", default=str(SMALL))
+    ap.add_argument("--work", default="/tmp/movierec-serve-bench")
+    ap.add_argument("--set", action="append", default=[], help="config override for both runs")
+    args = ap.parse_args()
+    work = Path(args.work)
+    wh = work / "wh"
+    if wh.exists():
+        import shutil
+
+        shutil.rmtree(wh)
+    work.mkdir(parents=True, exist_ok=True)
+    wall = {"serve": movierec("run", args.input, wh, "serve", args.set)}
+    recs_version = table(wh, "recommendations").version()
+    wall["evaluate"] = movierec("evaluate", args.input, wh, "evaluate", args.set)
+
+    runs = {r["run_id"]: r for r in table(wh, "runs").to_pyarrow_table().to_pylist()}
+    recs = table(wh, "recommendations").to_pyarrow_table().to_pylist()
+    rated = {(r["userId"], r["movieId"]) for r in
+             table(wh, "ratings").to_pyarrow_table(columns=["userId", "movieId"]).to_pylist()}
+    overlap = sum((r["userId"], r["movieId"]) in rated for r in recs)
+    users = {r["userId"] for r in recs}
+    rated_users = {u for u, _ in rated}
+    no_pred = sum(r["predicted_rating"] is None for r in recs)
+    latest = {r["table_name"]: r["run_id"] for r in table(wh, "latest").to_pyarrow_table().to_pylist()}
+    metrics = table(wh, "metrics").to_pyarrow_table().to_pylist()
+
+    def metric(run: str, split: str, model: str, name: str, k=None):
+        got = [m["value"] for m in metrics if (m["run_id"], m["split"], m["model"], m["metric"], m["k"])
+               == (run, split, model, name, k)]
+        return f"{got[0]:.4f}" if got else ""
+
+    stages = list(dict.fromkeys([*runs["serve"]["stage_seconds"], *runs["evaluate"]["stage_seconds"]]))
+    lines = [f"# Serve and evaluate runs on {Path(args.input).name}",
+             "",
+             f"{dt.date.today()}, `python benchmarks/serve_benchmark.py --input {args.input}"
+             + "".join(f" --set {s}" for s in args.set) + "`, one process per run, one at a time.",
+             "",
+             "| stage | serve run (s) | evaluate run (s) |", "|---|---|---|"]
+    for s in stages:
+        a, b = runs["serve"]["stage_seconds"].get(s), runs["evaluate"]["stage_seconds"].get(s)
+        lines.append(f"| {s} | {'' if a is None else f'{a:.1f}'} | {'' if b is None else f'{b:.1f}'} |")
+    lines += [f"| sum of stages | {sum(runs['serve']['stage_seconds'].values()):.1f} | "
+              f"{sum(runs['evaluate']['stage_seconds'].values()):.1f} |",
+              f"| whole process (wall) | {wall['serve']:.1f} | {wall['evaluate']:.1f} |",
+              "",
+              f"Served rows: {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "
+              f"**{overlap} of them a movie the user rated**; {no_pred} without a predicted_rating.",
+              f"Through the evaluate run `recommendations` stayed at version {recs_version}: "
+              f"{table(wh, 'recommendations').version() == recs_version}; `latest`: {latest}.",
+              "",
+              "| hybrid | serve run, validation | evaluate run, validation | evaluate run, test |",
+              "|---|---|---|---|"]
+    for name, k in (("rmse", None), ("mae", None), ("precision", 10), ("recall", 10), ("ndcg", 10), ("map", 10)):
+        label = name if k is None else f"{name}@{k}"
+        lines.append(f"| {label} | {metric('serve', 'validation', 'hybrid', name, k)} | "
+                     f"{metric('evaluate', 'validation', 'hybrid', name, k)} | "
+                     f"{metric('evaluate', 'test', 'hybrid', name, k)} |")
+    lines += ["", "Test rows of the other models (evaluate run):", "",
+              "| model | rmse | ndcg@10 |", "|---|---|---|"]
+    for model in ("global_mean", "bias_baseline", "als", "content", "popularity", "als_implicit"):
+        lines.append(f"| {model} | {metric('evaluate', 'test', model, 'rmse')} | "
+                     f"{metric('evaluate', 'test', model, 'ndcg', 10)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = REPO / "benchmarks" / "results" / f"serve-evaluate-{Path(args.input).name}.md"
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0 if overlap == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

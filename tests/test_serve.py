@@ -1,0 +1,178 @@
+"""Serve runs and evaluate runs: what users are served is learned from all their ratings and never
+repeats one; an evaluate run leaves the served output alone; a run's stages read that run's own
+intermediates."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from chispa import assert_df_equality
+from deltalake import DeltaTable as RsTable
+from pyspark.sql import functions as F
+
+from movierec_spark import query, tables
+from movierec_spark.pipeline import PipelineError, run_pipeline
+
+from .conftest import FEW_RATINGS, HYBRID_MODELS, cli_settings, make_config
+
+
+def _recs(spark, wh, run="sv"):
+    return tables.read_table(spark, wh, "recommendations").where(F.col("run_id") == run)
+
+
+def test_a_serve_run_learns_from_every_rating_and_serves_none_of_them(serve_run):
+    spark, cfg, ctx = serve_run
+    wh = cfg.paths.warehouse
+    n = cfg.evaluation.top_n
+    ratings = tables.read_table(spark, wh, "ratings")
+    splits = tables.read_table(spark, wh, "rating_splits").where("run_id = 'sv'")
+    # No test part: the split is every rating, as train.
+    assert splits.where("split != 'train'").isEmpty()
+    assert_df_equality(splits.select("userId", "movieId", "rating"), ratings.select("userId", "movieId", "rating"),
+                       ignore_row_order=True)
+    recs = _recs(spark, wh)
+    # Zero overlap with what the user rated, for every user.
+    assert recs.join(ratings, ["userId", "movieId"], "inner").isEmpty()
+    # Every user gets n movies, ranked 1..n, one movie once; on this 150-movie catalog a few
+    # users rated (nearly) everything: they get every movie they did not rate, or nothing.
+    n_movies = tables.read_table(spark, wh, "movies").count()
+    want = (ratings.groupBy("userId").agg(F.least(F.lit(n), n_movies - F.count(F.lit(1))).alias("want"))
+            .where("want > 0"))
+    got = recs.groupBy("userId").agg(F.count(F.lit(1)).alias("c"), F.max("rank").alias("m"),
+                                     F.countDistinct("movieId").alias("d"))
+    assert want.where(f"want = {n}").count() > 0.8 * want.count()
+    assert_df_equality(got.select("userId", F.col("c").alias("want")), want, ignore_row_order=True,
+                       ignore_nullable=True)
+    assert got.where("m != c OR d != c").isEmpty()
+    # Nothing was held out, so nobody is "cold" and the evaluation outputs were not written.
+    assert ctx.results["recommend"]["cold_users"] == 0
+    assert tables.read_table(spark, wh, "runs").where("run_id = 'sv'").first().kind == "serve"
+    assert not tables.table_exists(spark, tables.table_path(wh, "predictions"))
+
+
+@pytest.mark.parametrize("user", sorted(FEW_RATINGS))
+def test_a_user_with_one_or_two_ratings_gets_n_unseen_movies(serve_run, user):
+    spark, cfg, _ = serve_run
+    got = _recs(spark, cfg.paths.warehouse).where(F.col("userId") == user).orderBy("rank").collect()
+    rated = {m for m, _ in FEW_RATINGS[user]}
+    assert [r["rank"] for r in got] == list(range(1, cfg.evaluation.top_n + 1))
+    assert not rated & {r.movieId for r in got}
+
+
+def test_served_rows_carry_the_hybrids_predicted_rating(serve_run):
+    spark, cfg, _ = serve_run
+    recs = _recs(spark, cfg.paths.warehouse)
+    # The hybrid's rating of each served pair, on the dataset's scale, next to the ranker's score.
+    assert recs.where("predicted_rating IS NULL").isEmpty()
+    lo, hi = tables.read_table(spark, cfg.paths.warehouse, "ratings").agg(F.min("rating"), F.max("rating")).first()
+    assert recs.where(f"predicted_rating < {lo} OR predicted_rating > {hi}").isEmpty()
+    # It is a rating, not the ranker's probability: it varies and is mostly above the probabilities.
+    stats = recs.agg(F.stddev("predicted_rating"), F.avg("predicted_rating"), F.max("score")).first()
+    assert stats[0] > 0 and stats[1] > 1.5 and stats[2] <= 1.0
+
+
+def test_a_serve_run_reports_validation_figures_not_test_ones(serve_run):
+    spark, cfg, ctx = serve_run
+    m = {(r.model, r.metric, r.k): (r.value, r.split) for r in
+         tables.read_table(spark, cfg.paths.warehouse, "metrics").where("run_id = 'sv'").collect()}
+    assert {split for _, split in m.values()} == {"validation"}
+    rmse, _ = m[("hybrid", "rmse", None)]
+    ndcg, _ = m[("hybrid", "ndcg", 10)]
+    assert 0.5 < rmse < 1.2 and 0.0 < ndcg <= 1.0
+    assert ctx.results["hybrid"]["validation"]["rmse"] == pytest.approx(rmse, abs=1e-4)
+    # The GBT stopped on its validation rows or at its cap.
+    assert 1 <= ctx.results["hybrid"]["trees"] <= cfg.hybrid.max_iter
+
+
+@pytest.fixture(scope="module")
+def after_evaluate_runs(serve_run, tmp_path_factory):
+    """The serve warehouse copied, then an evaluate run 'ev' and a second one 'ev2' (another
+    seed, so another split) started after the serve run; ev's metrics as first written."""
+    spark, cfg, _ = serve_run
+    root = tmp_path_factory.mktemp("after")
+    shutil.copytree(cfg.paths.warehouse, root / "wh")
+    wh = str(root / "wh")
+    version = tables.table_version(spark, wh, "recommendations")
+    user = sorted(FEW_RATINGS)[0]
+    before = query.recs(wh, user)
+    stages = ["split", "baselines", "evaluate"]
+    ev = make_config(root / "wh", pipeline__mode="evaluate", **HYBRID_MODELS)
+    run_pipeline(spark, ev, None, stages=stages, run_id="ev")
+    metrics = tables.read_table(spark, wh, "metrics").where("run_id = 'ev'").cache()
+    metrics.count()
+    ev2 = make_config(root / "wh", pipeline__mode="evaluate", pipeline__seed=7, **HYBRID_MODELS)
+    run_pipeline(spark, ev2, None, stages=stages, run_id="ev2")
+    return spark, wh, version, user, before, ev, metrics
+
+
+def test_an_evaluate_run_leaves_the_served_output_alone(after_evaluate_runs):
+    spark, wh, version, user, before, _, _ = after_evaluate_runs
+    assert tables.table_version(spark, wh, "recommendations") == version
+    latest = {r.table_name: r.run_id for r in tables.read_table(spark, wh, "latest").collect()}
+    assert latest == {"recommendations": "sv", "similar_movies": "sv"}
+    after = query.recs(wh, user)
+    assert (after.meta["run_id"], after.rows) == (before.meta["run_id"], before.rows)
+    kinds = {r.run_id: r.kind for r in tables.read_table(spark, wh, "runs").collect()}
+    assert kinds == {"sv": "serve", "ev": "evaluate", "ev2": "evaluate"}
+    assert _recs(spark, wh, "ev").isEmpty()
+
+
+def test_a_rerun_of_evaluate_reads_its_own_runs_split(after_evaluate_runs):
+    spark, wh, _, _, _, ev, first = after_evaluate_runs
+    splits = tables.read_table(spark, wh, "rating_splits")
+    a, b = (splits.where(f"run_id = '{r}' AND split = 'test'").select("userId", "movieId") for r in ("ev", "ev2"))
+    assert a.exceptAll(b).count() > 0  # the two runs hold out different ratings
+    run_pipeline(spark, ev, None, stages=["evaluate"], run_id="ev")
+    again = tables.read_table(spark, wh, "metrics").where("run_id = 'ev'")
+    cols = ["model", "metric", "k", "split", "value"]
+    assert_df_equality(again.select(*cols), first.select(*cols), ignore_row_order=True, ignore_nullable=True,
+                       allow_nan_equality=True)
+    # A rerun under a run id keeps that run's kind.
+    serve = make_config(Path(wh), **HYBRID_MODELS)
+    with pytest.raises(PipelineError, match="run ev is a evaluate run"):
+        run_pipeline(spark, serve, None, stages=["evaluate"], run_id="ev")
+
+
+def test_a_reader_polling_recommendations_during_a_rewrite_sees_whole_versions(serve_run, tmp_path):
+    """Rerun the recommend stage of run 'sv' with N = 5 instead of 10 while delta-rs polls the
+    table: every read must show run 'sv' with exactly 10 or exactly 5 movies for every user
+    (one version, whole), never a mix, a gap or an error."""
+    from .test_kill import _movierec
+
+    spark, cfg, _ = serve_run
+    wh = tmp_path / "wh"
+    shutil.copytree(cfg.paths.warehouse, wh)
+    path = str(wh / "recommendations")
+    users = {r.userId for r in _recs(spark, str(wh)).select("userId").distinct().collect()}
+    p = _movierec(["run", "--warehouse", str(wh), "--stages", "recommend", "--run-id", "sv",
+                   *cli_settings(**HYBRID_MODELS), "--set", "evaluation.top_n=5"], wait=False)
+    seen: dict[int, set[int]] = {}
+    polls = 0
+    try:
+        while True:
+            finished = p.poll() is not None
+            t = RsTable(path)
+            data = t.to_pyarrow_table(columns=["run_id", "userId", "rank"]).to_pylist()
+            per_user: dict[int, list[int]] = {}
+            for r in data:
+                if r["run_id"] == "sv":
+                    per_user.setdefault(r["userId"], []).append(r["rank"])
+            sizes = {len(v) for v in per_user.values()}
+            assert set(per_user) == users, f"version {t.version()}: users missing"
+            assert len(sizes) == 1 and sizes <= {5, 10}, f"version {t.version()}: list sizes {sizes}"
+            assert all(sorted(v) == list(range(1, len(v) + 1)) for v in per_user.values())
+            seen.setdefault(sizes.pop(), set()).add(t.version())
+            polls += 1
+            if finished:
+                break
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    print(f"\n{polls} polls; versions seen by list size: {seen}")
+    assert 10 in seen and 5 in seen  # the reader was there before and after the rewrite
