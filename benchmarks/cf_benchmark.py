@@ -55,7 +55,7 @@ def main() -> int:
 
     wh = Path(tempfile.mkdtemp(prefix="cfbench-")) / "warehouse"
     base = {"paths.warehouse": str(wh), "paths.input": args.input, "spark.show_progress": False,
-            "als.tune": args.tune, **_parse_set(args.set)}
+            "als.tune": args.tune, "pipeline.mode": "evaluate", **_parse_set(args.set)}
     cfg = load_config(None, base)
     spark = build_spark(cfg, app_name="cf-benchmark")
     # Fresh run ids, as `movierec run` mints them (per-run rows are appended, not replaceWhere'd).
@@ -77,7 +77,8 @@ def main() -> int:
     # written (MLlib's default 10 blocks), once with the block count the stage uses.
     from movierec_spark.als import als_blocks
 
-    train = (tables.read_table(spark, cfg.paths.warehouse, "rating_splits").where("split = 'train'")
+    train = (tables.read_table(spark, cfg.paths.warehouse, "rating_splits")
+             .where(f"split = 'train' AND run_id = '{ctx.run_id}'")
              .select("userId", "movieId", "rating").cache())
     train.count()
     a = cfg.als

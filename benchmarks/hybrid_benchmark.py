@@ -39,7 +39,8 @@ def main() -> int:
     setup_logging()
     # Stage progress stays visible (INFO): these runs take minutes.
     wh = str(Path(tempfile.mkdtemp(prefix="hybridbench-")) / "warehouse")
-    base = {"paths.warehouse": wh, "spark.show_progress": False, **_parse_set(args.set)}
+    # The held-out protocol: evaluate runs.
+    base = {"paths.warehouse": wh, "spark.show_progress": False, "pipeline.mode": "evaluate", **_parse_set(args.set)}
     cfg = load_config(args.config, base)
     spark = build_spark(cfg, app_name="hybrid-benchmark")
     stages = cfg.pipeline.stages
