@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from pyspark.ml.recommendation import ALS  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
+from pyspark.ml.recommendation import ALS
+from pyspark.sql import functions as F
 
-from movierec_spark import tables  # noqa: E402
-from movierec_spark.cli import setup_logging  # noqa: E402
-from movierec_spark.config import load_config  # noqa: E402
-from movierec_spark.pipeline import run_pipeline  # noqa: E402
-from movierec_spark.session import build_spark  # noqa: E402
+from movierec_spark import tables
+from movierec_spark.cli import setup_logging
+from movierec_spark.config import load_config
+from movierec_spark.pipeline import run_pipeline
+from movierec_spark.session import build_spark
 
 
 def metric_table(spark, wh, run_id, models, metrics, k):
@@ -51,11 +50,11 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
     logging.getLogger("movierec_spark").setLevel(logging.WARNING)
-    from movierec_spark.cli import _parse_set
+    from movierec_spark.cli import parse_set
 
     wh = Path(tempfile.mkdtemp(prefix="cfbench-")) / "warehouse"
     base = {"paths.warehouse": str(wh), "paths.input": args.input, "spark.show_progress": False,
-            "als.tune": args.tune, "pipeline.mode": "evaluate", **_parse_set(args.set)}
+            "als.tune": args.tune, "pipeline.mode": "evaluate", **parse_set(args.set)}
     cfg = load_config(None, base)
     spark = build_spark(cfg, app_name="cf-benchmark")
     # Fresh run ids, as `movierec run` mints them (per-run rows are appended, not replaceWhere'd).

@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from movierec_spark import tables  # noqa: E402
-from movierec_spark.cli import _parse_set, setup_logging  # noqa: E402
-from movierec_spark.config import load_config  # noqa: E402
-from movierec_spark.content import exact_neighbours, lsh_neighbours, movie_vectors, neighbour_recall  # noqa: E402
-from movierec_spark.pipeline import run_pipeline  # noqa: E402
-from movierec_spark.session import build_spark  # noqa: E402
+from movierec_spark import tables
+from movierec_spark.cli import parse_set, setup_logging
+from movierec_spark.config import load_config
+from movierec_spark.content import exact_neighbours, lsh_neighbours, movie_vectors, neighbour_recall
+from movierec_spark.pipeline import run_pipeline
+from movierec_spark.session import build_spark
 
 
 def main() -> int:
@@ -36,7 +35,7 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
     wh = args.warehouse or str(Path(tempfile.mkdtemp(prefix="contentbench-")) / "warehouse")
-    cfg = load_config(None, {"paths.warehouse": wh, "spark.show_progress": False, **_parse_set(args.set)})
+    cfg = load_config(None, {"paths.warehouse": wh, "spark.show_progress": False, **parse_set(args.set)})
     spark = build_spark(cfg, app_name="content-benchmark")
     if not args.warehouse:
         run_pipeline(spark, cfg, args.input, stages=["ingest"], run_id="ingest")

@@ -13,7 +13,6 @@ validation RMSE and the fit's seconds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 from pyspark.sql import functions as F
@@ -46,7 +45,7 @@ def main() -> int:
             if tol is None:  # no early stopping: train on the same rows, all max_iter trees
                 data, hc = rows.where(~F.col("is_val")).drop("is_val"), h
             else:
-                data, hc = rows, dataclasses.replace(h, validation_tol=tol)
+                data, hc = rows, h.model_copy(update=dict(validation_tol=tol))
             t0 = time.perf_counter()
             model, _, trees = fit_hybrid(data, hc, seed)
             secs = time.perf_counter() - t0

@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from movierec_spark.cli import _parse_set, setup_logging  # noqa: E402
-from movierec_spark.config import load_config  # noqa: E402
-from movierec_spark.pipeline import run_pipeline  # noqa: E402
-from movierec_spark.session import build_spark  # noqa: E402
+from movierec_spark.cli import parse_set, setup_logging
+from movierec_spark.config import load_config
+from movierec_spark.pipeline import run_pipeline
+from movierec_spark.session import build_spark
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from cf_benchmark import metric_table  # noqa: E402
+from cf_benchmark import metric_table
 
 
 def main() -> int:
@@ -40,7 +38,7 @@ def main() -> int:
     # Stage progress stays visible (INFO): these runs take minutes.
     wh = str(Path(tempfile.mkdtemp(prefix="hybridbench-")) / "warehouse")
     # The held-out protocol: evaluate runs.
-    base = {"paths.warehouse": wh, "spark.show_progress": False, "pipeline.mode": "evaluate", **_parse_set(args.set)}
+    base = {"paths.warehouse": wh, "spark.show_progress": False, "pipeline.mode": "evaluate", **parse_set(args.set)}
     cfg = load_config(args.config, base)
     spark = build_spark(cfg, app_name="hybrid-benchmark")
     stages = cfg.pipeline.stages

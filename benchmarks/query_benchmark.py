@@ -32,9 +32,8 @@ import pyarrow as pa
 from deltalake import WriterProperties, write_deltalake
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from tests.test_query import arrow_schema, metric_rows  # noqa: E402
+from movierec_spark.tables import arrow_schema
 
 GENRES = ["Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
@@ -44,6 +43,19 @@ RUNS = [("20240501-0900-a1", 1, "succeeded"), ("20240502-0900-b2", 2, "failed"),
 LATEST = RUNS[-1][0]
 # About eight files for 1.6M shuffled rows (~22 MB of Parquet).
 TARGET_FILE_BYTES = 2 * 1024 * 1024
+
+
+def metric_rows(run: str, shift: float = 0.0) -> list[dict]:
+    """A run's metrics as the evaluate stage writes them: rating metrics of four models, ranking
+    metrics at k = 1..20 of three."""
+    rows = [{"run_id": run, "model": m, "metric": metric, "k": None, "value": v + shift, "split": "test"}
+            for m, rmse in (("global_mean", 1.04), ("bias_baseline", 0.90), ("als", 0.87), ("hybrid", 0.85))
+            for metric, v in (("rmse", rmse), ("mae", rmse * 0.77))]
+    rows += [{"run_id": run, "model": m, "metric": metric, "k": k, "value": base * f(k) + shift, "split": "test"}
+             for m, base in (("popularity", 0.05), ("als_implicit", 0.12), ("hybrid", 0.15)) for k in range(1, 21)
+             for metric, f in (("precision", lambda k: 1.5 - k / 40), ("recall", lambda k: k / 10),
+                               ("ndcg", lambda k: 1.2))]
+    return rows
 
 
 def write(wh: Path, name: str, data: pa.Table | list, **kw) -> None:

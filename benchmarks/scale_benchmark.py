@@ -39,8 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from measure import tree_rss  # noqa: E402
+from measure import tree_rss
 
 ML25M_USERS_PER_RATING = 162_541 / 25_000_095
 ML25M_MOVIES_PER_RATING = 59_047 / 25_000_095

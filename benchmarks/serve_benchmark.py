@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 REPO = Path(__file__).resolve().parent.parent

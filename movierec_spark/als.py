@@ -128,6 +128,25 @@ def fit_implicit(train: DataFrame, cfg: ImplicitAlsConfig, seed: int) -> ALSMode
         data.unpersist()
 
 
+def als_model_from_factors(users: DataFrame, items: DataFrame, rank: int, user_col: str, item_col: str,
+                           prediction_col: str = "prediction", uid: str = "from_factors") -> ALSModel:
+    """An ALSModel over given factor tables (id, features array<float> of length `rank`): MLlib's
+    blocked BLAS scoring (transform, recommendForAllUsers) of any two factor sets.
+
+    pyspark has no public constructor from factor tables, so this is the one place that calls
+    the JVM constructor (`ALSModel(uid, rank, userFactors, itemFactors)`, private[ml] in Scala);
+    tests/test_cf.py holds its scores to the dot products, so a Spark upgrade that changes it
+    fails there.
+    """
+    jvm = users.sparkSession.sparkContext._jvm
+    jmodel = jvm.org.apache.spark.ml.recommendation.ALSModel(uid, rank, users._jdf, items._jdf)
+    # Params live on the JVM object; set them there (recommendForUserSubset reads them there).
+    jmodel.setUserCol(user_col).setItemCol(item_col).setPredictionCol(prediction_col).setColdStartStrategy("nan")
+    out = ALSModel(jmodel)
+    out._transfer_params_from_java()
+    return out
+
+
 def model_with_item_bias(spark: SparkSession, model: ALSModel, bias: BiasModel) -> ALSModel:
     """An ALSModel whose dot product is u.v + b_i: the explicit model's rating order per user.
 
@@ -138,15 +157,8 @@ def model_with_item_bias(spark: SparkSession, model: ALSModel, bias: BiasModel) 
     uf = model.userFactors.select("id", F.concat("features", F.array(F.lit(1.0).cast("float"))).alias("features"))
     itf = (model.itemFactors.join(bias.item_bias.select(F.col("movieId").alias("id"), "b_i"), "id", "left")
            .select("id", F.concat("features", F.array(F.coalesce("b_i", F.lit(0.0)).cast("float"))).alias("features")))
-    # Cached: every recommend pass reads them, and rebuilding means re-joining the biases.
-    uf, itf = uf.cache(), itf.cache()
-    jvm = spark.sparkContext._jvm
-    jmodel = jvm.org.apache.spark.ml.recommendation.ALSModel(model.uid + "_biased", model.rank + 1, uf._jdf, itf._jdf)
-    # Params live on the JVM object; set them there (recommendForUserSubset reads them there).
-    jmodel.setUserCol("userId").setItemCol("movieId").setColdStartStrategy("nan")
-    out = ALSModel(jmodel)
-    out._transfer_params_from_java()
-    return out
+    # Not cached (a transform leaves no cache behind): rebuilding them is a catalog-sized join.
+    return als_model_from_factors(uf, itf, model.rank + 1, "userId", "movieId", uid=model.uid + "_biased")
 
 
 # Second-pass users x movies below which scoring them against the whole catalog in one

@@ -41,7 +41,11 @@ class BiasModel:
 
 
 def global_mean(train: DataFrame) -> float:
-    return float(train.agg(F.avg("rating")).first()[0])
+    """The mean rating of `train` (one Spark job); ValueError when it has no rows."""
+    mu = train.agg(F.avg("rating")).first()[0]
+    if mu is None:
+        raise ValueError("no ratings to learn from (the train part is empty)")
+    return float(mu)
 
 
 def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float = 5.0) -> BiasModel:

@@ -30,7 +30,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -53,6 +53,12 @@ def _add_common(p: argparse.ArgumentParser, need_input: bool = False) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _add_replace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replace", action="store_true",
+                   help="--input is another dataset than the warehouse holds: replace it (tables become the "
+                        "input exactly; a plain ingest of a different source is refused)")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {
         "paths.input": getattr(args, "input", None),
@@ -63,8 +69,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "split.train_file": getattr(args, "train", None),
         "split.test_file": getattr(args, "test", None),
         "ingest.incremental": True if getattr(args, "incremental", False) else None,
+        "ingest.replace": True if getattr(args, "replace", False) else None,
     }
-    overrides.update(_parse_set(getattr(args, "set", [])))
+    overrides.update(parse_set(getattr(args, "set", [])))
     # `movierec evaluate`, and a predefined test part (--train/--test), run the held-out protocol.
     if getattr(args, "command", None) == "evaluate":
         overrides["pipeline.mode"] = "evaluate"
@@ -96,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--incremental", action="store_true",
                        help="--input holds new and changed rows only: MERGE them into the warehouse, retrain, "
                             "rewrite outputs; stop after ingest when nothing changed")
+        _add_replace(p)
 
     p = sub.add_parser("ingest", help="ingest a MovieLens dataset into Delta tables")
     _add_common(p, need_input=True)
+    _add_replace(p)
 
     p = sub.add_parser("download", help="download a GroupLens MovieLens zip and extract it")
     p.add_argument("name", help="ml-latest-small, ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest")
@@ -351,15 +360,33 @@ def main(argv: list[str] | None = None) -> int:
         return {"download": cmd_download, "generate": cmd_generate, "setup": cmd_setup,
                 "maintain": cmd_maintain}[args.command](args)
     except (ConfigError, PipelineError) as e:
-        print(f"movierec: error: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_USAGE
     except (IngestError, LayoutError, DownloadError, SparkSetupError, FileNotFoundError, ValueError) as e:
         # (MaintainError is a ValueError.)
-        print(f"movierec: error: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("movierec: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure we did not foresee: one line here, the trace in the log
+        log.debug("uncaught error", exc_info=True)
+        _error(e, f"{type(e).__name__}: ", " (run with --verbose for the trace)")
+        return EXIT_FAILED
+
+
+def _error(e: BaseException, prefix: str = "", suffix: str = "") -> None:
+    """One line on stderr: the error's first line, credentials in URIs hidden."""
+    from .redact import redact_text
+
+    text = str(e).strip()
+    if getattr(e, "java_exception", None) is not None:  # py4j: its first line names the call, not the error
+        try:
+            text = str(e.java_exception.toString())
+        except Exception:
+            pass
+    text = text.splitlines()[0] if text else type(e).__name__
+    print(f"movierec: error: {prefix}{redact_text(text)}{suffix}", file=sys.stderr)
 
 
 if __name__ == "__main__":

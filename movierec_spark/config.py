@@ -7,20 +7,18 @@ YAML is parsed with ``safe_load`` only: a config file must never construct Pytho
 
 from __future__ import annotations
 
-import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import tempfile
-import types
-import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +35,24 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
 
 
-SPLIT_METHODS = ("random", "stratified", "temporal_global", "temporal_user")
-
-# serve: every model learns from all the ratings and the run writes `recommendations` (what
-# `latest` points at). evaluate: a test part is held out and the run writes predictions, top_n
-# and metrics only.
-RUN_MODES = ("serve", "evaluate")
 
 
 class ConfigError(ValueError):
     """A configuration problem found before any heavy work starts."""
 
 
-@dataclass
-class SparkConfig:
+class Section(BaseModel):
+    """A config section: typed, strict (no silent coercion: `true` is not an integer, "4" is not a
+    number), unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SparkConfig(Section):
     master: str = "local[*]"
     app_name: str = "movierec"
     driver_memory: str = "4g"
-    shuffle_partitions: int = 8
+    shuffle_partitions: int = Field(8, ge=1)
     ui_enabled: bool = False
     show_progress: bool = True
     # log4j2 properties file. The default, conf/log4j2.properties, is the working directory's file
@@ -67,13 +65,21 @@ class SparkConfig:
     delta_package: str = DELTA_PACKAGE
     # Extra Maven coordinates on the classpath, resolved and cached like Delta's: the connector
     # of an object store (s3a://: org.apache.hadoop:hadoop-aws:3.5.0; README, "Object storage").
-    packages: list[str] = field(default_factory=list)
+    packages: list[str] = Field(default_factory=list)
     # Any other spark.* settings, passed through verbatim.
-    conf: dict[str, str] = field(default_factory=dict)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _spark_strings(cls, v: Any) -> Any:
+        # Spark settings are strings, but YAML reads `4` or `true` as scalars; they mean the same.
+        if isinstance(v, dict):
+            return {str(k): str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, (int, float)) else x
+                    for k, x in v.items()}
+        return v
 
 
-@dataclass
-class PathsConfig:
+class PathsConfig(Section):
     warehouse: str = "warehouse"
     input: str | None = None
     # Defaults to <warehouse>/_checkpoints; iterative algorithms (ALS) truncate lineage there.
@@ -82,8 +88,7 @@ class PathsConfig:
     data_dir: str = "data"
 
 
-@dataclass
-class IngestConfig:
+class IngestConfig(Section):
     # Share of rejected input rows above which ingest stops without touching any table.
     reject_threshold: float = 0.05
     # Files up to this size are decoded whole (exact line numbers in any encoding, embedded
@@ -93,22 +98,23 @@ class IngestConfig:
     # The input holds new and changed rows only (e.g. just a ratings.csv): they are merged into
     # the warehouse, and when nothing changed the run stops after ingest (see README).
     incremental: bool = False
+    # The input replaces the warehouse's dataset (another source than the one it holds): every
+    # ingested table becomes the input exactly, rows absent from it are deleted (--replace).
+    replace: bool = False
 
 
-@dataclass
-class DemoConfig:
+class DemoConfig(Section):
     """The generated MovieLens-shaped set used when no --input is given and GroupLens is offline."""
 
-    users: int = 600
-    movies: int = 3000
-    ratings: int = 100_000
+    users: int = Field(600, ge=1)
+    movies: int = Field(3000, ge=1)
+    ratings: int = Field(100_000, ge=1)
 
 
-@dataclass
-class SplitConfig:
+class SplitConfig(Section):
     # random | stratified (per user) | temporal_global | temporal_user (last n per user)
-    method: str = "random"
-    test_ratio: float = 0.2
+    method: Literal["random", "stratified", "temporal_global", "temporal_user"] = "random"
+    test_ratio: float = Field(0.2, gt=0, lt=1)
     # temporal_global: ISO date/time; when unset, the (1 - test_ratio) quantile of rated_at.
     cutoff: str | None = None
     last_n: int = 1
@@ -116,17 +122,21 @@ class SplitConfig:
     train_file: str | None = None
     test_file: str | None = None
 
+    @field_validator("cutoff", mode="before")
+    @classmethod
+    def _date_text(cls, v: Any) -> Any:
+        # An unquoted YAML date (cutoff: 2018-01-01) arrives as a date: it means the same text.
+        return v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
 
-@dataclass
-class BaselineConfig:
+
+class BaselineConfig(Section):
     # Koren's shrinkage: item and user biases are pulled towards 0 by these pseudo-counts.
     item_reg: float = 5.0
     user_reg: float = 3.0
     iterations: int = 2
 
 
-@dataclass
-class AlsConfig:
+class AlsConfig(Section):
     rank: int = 20
     max_iter: int = 15
     reg_param: float = 0.15
@@ -136,33 +146,31 @@ class AlsConfig:
     # 5 wrote 3 checkpoints in 15 iterations and cost 0.6-1.8 s per fit on ml-latest-small.
     checkpoint_interval: int = 10
     # ALS user/item blocks; null = one per core Spark has (see als.als_blocks).
-    num_blocks: int | None = None
+    num_blocks: int | None = Field(None, ge=1)
     # Explicit ALS's own top-N lists (evaluation only: it ranks badly, nDCG@10 0.047 against
     # implicit ALS's 0.324 on ml-latest-small). They cost a users x movies scoring pass: 216 s
     # of the als stage's 357 s at 25M ratings, so conf/scale.yaml turns them off.
     top_n: bool = True
     tune: bool = False
-    tune_ranks: list[int] = field(default_factory=lambda: [8, 12, 20])
-    tune_reg_params: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15])
-    tune_max_iters: list[int] = field(default_factory=lambda: [15])
+    tune_ranks: list[int] = Field(default_factory=lambda: [8, 12, 20])
+    tune_reg_params: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.15])
+    tune_max_iters: list[int] = Field(default_factory=lambda: [15])
 
 
-@dataclass
-class ImplicitAlsConfig:
+class ImplicitAlsConfig(Section):
     rank: int = 32
     max_iter: int = 15
     reg_param: float = 0.05
     alpha: float = 10.0
     # How a rating becomes implicit confidence: "binary" (1 per rating) or "rating" (the rating).
-    confidence: str = "binary"
+    confidence: Literal["binary", "rating"] = "binary"
     # Ratings below this do not count as a positive signal at all.
     min_rating: float = 0.0
     # ALS user/item blocks; null = one per core Spark has (see als.als_blocks).
-    num_blocks: int | None = None
+    num_blocks: int | None = Field(None, ge=1)
 
 
-@dataclass
-class ContentConfig:
+class ContentConfig(Section):
     # Block weights: each block is L2-normalised, multiplied by its weight, then the whole
     # vector is normalised again.
     genre_weight: float = 1.0
@@ -173,7 +181,7 @@ class ContentConfig:
     min_tag_movies: int = 1
     k: int = 20
     # exact (every pair via MLlib's blocked product; small catalogs), lsh, or auto (exact up to exact_max_movies).
-    method: str = "auto"
+    method: Literal["auto", "exact", "lsh"] = "auto"
     exact_max_movies: int = 20000
     # SimHash banding: bits per table (higher = tighter buckets), tables (more = higher recall),
     # and the most movies compared with each other inside one bucket.
@@ -191,24 +199,23 @@ class ContentConfig:
     predict_shrink: float = 1.0
 
 
-@dataclass
-class HybridConfig:
+class HybridConfig(Section):
     # Out-of-fold features: train is cut into `folds` by a hash of (user, movie, seed); each of
     # the first `oof_folds` folds gets features from the other folds. null = automatic: all
     # folds, unless train exceeds `max_train_rows`, then only the folds (and the hash sample of
     # their rows) the GBT would train on (features.oof_plan): 1 pass instead of 5 at 25M.
-    folds: int = 5
+    folds: int = Field(5, ge=2)  # out-of-fold features need a held-out fold
     oof_folds: int | None = None
     # Where the test rows' features come from: "full" (ALS, statistics and neighbours fitted on
     # the whole train part, one extra pass), "fold" (the same fits as fold 0's rows: train minus
     # fold 0), or "auto": "fold" when the out-of-fold plan is a single sampled fold (large data,
     # where a pass is the stage's cost), else "full".
-    test_features: str = "auto"
+    test_features: Literal["auto", "full", "fold"] = "auto"
     # Feature passes (one per out-of-fold fold, plus the test pass) computed side by side. 1:
     # two threads made the stage slower on this 2-core machine (ml-latest-small: 117.4 s against
     # 97.0 s one pass at a time; measured while threaded passes still fitted ALS with 10 blocks,
     # since fixed), and each pass's caches add to the heap.
-    feature_threads: int = 1
+    feature_threads: int = Field(1, ge=1)
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).
     neighbours: int = 30
@@ -228,7 +235,7 @@ class HybridConfig:
     # Share of the GBT's out-of-fold rows (a hash of user, movie, seed) it does not train on:
     # their RMSE/MAE are the run's validation metrics (the only rating-quality signal a serve
     # run, which has no test part, can give). 0 = train on every row, no validation figures.
-    validation_fraction: float = 0.1
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
     # Early stopping on those rows (MLlib's validationIndicatorCol and validationTol: stop when
     # their error improves by less than this share); null = all max_iter trees. Chosen on the
     # validation rows of an ml-latest-small random 80/20 train part (benchmarks/gbt_stopping.py):
@@ -237,70 +244,73 @@ class HybridConfig:
     validation_tol: float | None = None
     # Final recommendations: candidates are these models' top-N lists of this run (train
     # movies already excluded), rescored by the hybrid.
-    candidate_models: list[str] = field(default_factory=lambda: ["als_implicit", "content", "popularity"])
+    candidate_models: list[Literal["als_implicit", "als", "content", "popularity"]] = Field(
+        default_factory=lambda: ["als_implicit", "content", "popularity"], min_length=1)
     # What orders the candidates: "hybrid" (its predicted rating) or "learned" (a GBT classifier
     # trained on a held-out fold of train to predict which candidates the user goes on to rate;
     # see ranker.py).
-    ranker: str = "learned"
+    ranker: Literal["learned", "hybrid"] = "learned"
     # Learned ranker (ml-latest-small, stratified 75/25; nDCG@10 against als_implicit's 0.3241):
     # implicit ALS contributes its top `candidate_pool` (20: 0.3260, 50: 0.3318, ranker with
     # the implicit score of every candidate); item-kNN co-occurrence score from each movie's
     # top `ranker_knn_neighbours` (0 = off; cap_per_user bounds its self-join) and
     # train-timestamp features added 0.3381; a smaller GBT (30 trees of depth 4) 0.3428, while
     # 100 trees gave 0.3226 and depth 7 0.2931 (the ranker overfits its one held-out fold).
-    candidate_pool: int = 50
-    ranker_knn_neighbours: int = 50
+    candidate_pool: int = Field(50, ge=1)
+    ranker_knn_neighbours: int = Field(50, ge=0)
     # Ratings per user in the item-kNN co-occurrence self-join (null: cap_per_user).
     ranker_knn_cap: int | None = None
     # The ranker trains on the candidate lists of at most this many users (a hash sample of
     # users; null = all): its training set and the lists behind it stop growing with the data.
-    ranker_max_users: int | None = 20_000
-    ranker_max_iter: int = 30
-    ranker_max_depth: int = 4
+    ranker_max_users: int | None = Field(20_000, ge=1)
+    ranker_max_iter: int = Field(30, ge=1)
+    ranker_max_depth: int = Field(4, ge=1)
     # Share of the ranker's users (a hash of the user and seed) whose candidates it does not
     # train on: its final lists for them, scored against their held-out fold, are the run's
     # validation ranking metrics. 0 = no validation figures.
-    ranker_validation_users: float = 0.2
+    ranker_validation_users: float = Field(0.2, ge=0, lt=1)
 
 
-@dataclass
-class EvaluationConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+class EvaluationConfig(Section):
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10, 20], min_length=1)
     # Test items that count as relevant for ranking metrics; null = every held-out item.
     relevance_threshold: float | None = None
-    top_n: int = 10
+    top_n: int = Field(10, ge=1)
 
 
-@dataclass
-class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["ingest"])
+class PipelineConfig(Section):
+    stages: list[str] = Field(default_factory=lambda: ["ingest"])
     seed: int = 42
     # serve (learn from every rating, write recommendations) or evaluate (held-out test part);
     # `movierec evaluate` and --train/--test set evaluate.
-    mode: str = "serve"
+    mode: Literal["serve", "evaluate"] = "serve"
 
 
-@dataclass
-class Config:
-    spark: SparkConfig = field(default_factory=SparkConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    als: AlsConfig = field(default_factory=AlsConfig)
-    als_implicit: ImplicitAlsConfig = field(default_factory=ImplicitAlsConfig)
-    content: ContentConfig = field(default_factory=ContentConfig)
-    hybrid: HybridConfig = field(default_factory=HybridConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
+class Config(Section):
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    als: AlsConfig = Field(default_factory=AlsConfig)
+    als_implicit: ImplicitAlsConfig = Field(default_factory=ImplicitAlsConfig)
+    content: ContentConfig = Field(default_factory=ContentConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
     # Where the file came from, for messages and relative paths; not a user setting.
-    source: str = field(default="<defaults>", metadata={"internal": True})
+    _source: str = PrivateAttr(default="<defaults>")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d.pop("source", None)
-        return json.dumps(d, sort_keys=True)
+        """The config as JSON, secrets redacted (what logs and `runs.config` show)."""
+        from .redact import redact
+
+        return json.dumps(redact(self.model_dump()), sort_keys=True)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -319,74 +329,37 @@ def is_uri(path: str) -> bool:
     return "://" in path or path.startswith("file:")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _parse(data: dict) -> "Config":
+    """The config tree validated by the schema; the first problem as one ConfigError line."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0])) from None
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; only lossless, unsurprising coercions."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        # Spark settings are strings, but YAML reads `4` or `true` as scalars; accept those.
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float, bool)) and where.split(".")[-2:-1] == ["conf"]:
-            return str(value).lower() if isinstance(value, bool) else str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
-
-
-def _build(cls: Any, data: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            raise ConfigError(
-                f"unknown key '{path}' (known keys here: {', '.join(sorted(known))})"
-            )
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+def _message(err: dict) -> str:
+    """A pydantic error as this project words it: the dotted key, what it must be, what it got."""
+    loc = ".".join(str(x) for x in err["loc"])
+    kind, got = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        model: Any = Config
+        for part in err["loc"][:-1]:
+            model = model.model_fields[part].annotation
+        return f"unknown key '{loc}' (known keys here: {', '.join(sorted(model.model_fields))})"
+    expected = {"int": "an integer", "float": "a number", "bool": "true/false", "string": "a string",
+                "list": "a list", "dict": "a mapping", "model": "a mapping"}
+    for prefix, what in expected.items():
+        if kind.startswith(prefix):
+            return f"{loc}: expected {what}, got {type(got).__name__ + ' ' if what in ('a list', 'a mapping') else ''}{got!r}"
+    if kind == "literal_error":
+        return f"{loc}: must be one of {err['ctx']['expected']}, got {got!r}"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(err["ctx"].values()))
+        return f"{loc} must be {bounds[kind]} {limit}, got {got!r}"
+    if kind == "too_short":
+        return f"{loc} must not be empty"
+    return f"{loc}: {err['msg'].lower()} (got {got!r})"
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -441,10 +414,10 @@ def load_config(
         if value is not None:
             _set_dotted(data, key, value)
     try:
-        cfg = _build(Config, data, "")
+        cfg = _parse(data)
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: {e}") from None
-    cfg.source = str(cfg_path)
+    cfg._source = str(cfg_path)
     _validate(cfg, cfg_path, check_paths)
     return cfg
 
@@ -529,10 +502,6 @@ def resolve_log4j(p: str) -> Path:
     return resolve_local(p, PACKAGE_ROOT)
 
 
-# Models whose top-N lists can feed the final recommendations' candidate pool.
-CANDIDATE_MODELS = ("als_implicit", "als", "content", "popularity")
-
-
 # Below this the driver JVM cannot hold Spark, Delta's log replay and a GBT fit at once: the
 # run would die with OutOfMemoryError minutes in, so it is refused before Spark starts.
 MIN_DRIVER_MB = 1024
@@ -552,13 +521,13 @@ def _physical_mb() -> int | None:
 
 
 def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
+    """What the schema cannot say: bounds worded for people, cross-field rules, the machine's
+    memory, and (check_paths) the files and directories the run needs."""
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"{cfg_path}: {msg}")
 
     if not 0.0 <= cfg.ingest.reject_threshold <= 1.0:
         raise bad(f"ingest.reject_threshold must be within 0..1, got {cfg.ingest.reject_threshold}")
-    if cfg.spark.shuffle_partitions < 1:
-        raise bad("spark.shuffle_partitions must be >= 1")
     if not cfg.spark.driver_memory[:-1].isdigit() or cfg.spark.driver_memory[-1].lower() not in "kmgt":
         raise bad(f"spark.driver_memory must look like 4g or 512m, got {cfg.spark.driver_memory!r}")
     mem_mb = memory_mb(cfg.spark.driver_memory)
@@ -569,50 +538,20 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
     if total_mb and mem_mb > total_mb:
         raise bad(f"spark.driver_memory {cfg.spark.driver_memory} is more than this machine's "
                   f"{total_mb / 1024:.0f} GiB of memory")
-    if cfg.pipeline.mode not in RUN_MODES:
-        raise bad(f"pipeline.mode must be one of {', '.join(RUN_MODES)}, got {cfg.pipeline.mode!r}")
     if cfg.split.train_file and cfg.pipeline.mode != "evaluate":
         raise bad("split.train_file/test_file (--train/--test) give a held-out test part: they need "
                   "pipeline.mode evaluate (movierec evaluate)")
-    if not 0.0 <= cfg.hybrid.validation_fraction < 1.0:
-        raise bad(f"hybrid.validation_fraction must be within [0, 1), got {cfg.hybrid.validation_fraction}")
-    if not 0.0 <= cfg.hybrid.ranker_validation_users < 1.0:
-        raise bad(f"hybrid.ranker_validation_users must be within [0, 1), got {cfg.hybrid.ranker_validation_users}")
-    if cfg.split.method not in SPLIT_METHODS:
-        raise bad(f"split.method must be one of {', '.join(SPLIT_METHODS)}, got {cfg.split.method!r}")
-    if not 0.0 < cfg.split.test_ratio < 1.0:
-        raise bad(f"split.test_ratio must be within (0, 1), got {cfg.split.test_ratio}")
-    if cfg.als_implicit.confidence not in ("binary", "rating"):
-        raise bad("als_implicit.confidence must be 'binary' or 'rating'")
-    if cfg.content.method not in ("auto", "exact", "lsh"):
-        raise bad("content.method must be auto, exact or lsh")
-    for sec in ("als", "als_implicit"):
-        nb = getattr(cfg, sec).num_blocks
-        if nb is not None and nb < 1:
-            raise bad(f"{sec}.num_blocks must be >= 1 or null (one per core), got {nb}")
-    if cfg.hybrid.candidate_pool < 1 or cfg.hybrid.ranker_knn_neighbours < 0:
-        raise bad("hybrid.candidate_pool must be >= 1 and hybrid.ranker_knn_neighbours >= 0")
-    if cfg.hybrid.test_features not in ("auto", "full", "fold"):
-        raise bad(f"hybrid.test_features must be auto, full or fold (got {cfg.hybrid.test_features!r})")
-    if cfg.hybrid.ranker_max_users is not None and cfg.hybrid.ranker_max_users < 1:
-        raise bad("hybrid.ranker_max_users must be >= 1 or null (all users)")
+    if cfg.ingest.replace and cfg.ingest.incremental:
+        raise bad("ingest.replace and ingest.incremental (--replace/--incremental) exclude each other: "
+                  "replace makes the warehouse the input, incremental adds the input to it")
+    if cfg.split.cutoff is not None:
+        try:
+            dt.datetime.fromisoformat(cfg.split.cutoff)
+        except ValueError:
+            raise bad(f"split.cutoff must be an ISO date or time such as 2018-01-01 or 2018-01-01T12:00:00, "
+                      f"got {cfg.split.cutoff!r}") from None
     if "als" in cfg.hybrid.candidate_models and not cfg.als.top_n:
         raise bad("hybrid.candidate_models lists als but als.top_n is false: its lists would not exist")
-    if cfg.hybrid.feature_threads < 1:
-        raise bad("hybrid.feature_threads must be >= 1")
-    if cfg.hybrid.ranker_max_iter < 1 or cfg.hybrid.ranker_max_depth < 1:
-        raise bad("hybrid.ranker_max_iter and hybrid.ranker_max_depth must be >= 1")
-    if cfg.hybrid.ranker not in ("learned", "hybrid"):
-        raise bad(f"hybrid.ranker must be 'learned' or 'hybrid', got {cfg.hybrid.ranker!r}")
-    unknown = [m for m in cfg.hybrid.candidate_models if m not in CANDIDATE_MODELS]
-    if unknown or not cfg.hybrid.candidate_models:
-        raise bad(f"hybrid.candidate_models must be a non-empty list of {', '.join(CANDIDATE_MODELS)}, "
-                  f"got {cfg.hybrid.candidate_models!r}")
-    if any(k < 1 for k in cfg.evaluation.ks) or cfg.evaluation.top_n < 1:
-        raise bad("evaluation.ks and evaluation.top_n must be >= 1")
-    for name in ("users", "movies", "ratings"):
-        if getattr(cfg.demo, name) < 1:
-            raise bad(f"demo.{name} must be >= 1")
     if not check_paths:
         return
     log4j = resolve_log4j(cfg.spark.log4j_config)
@@ -636,8 +575,22 @@ def _validate(cfg: Config, cfg_path: Path, check_paths: bool) -> None:
     if not is_uri(cfg.paths.warehouse):
         wh = Path(os.path.expanduser(cfg.paths.warehouse)).resolve()
         parent = next((p for p in [wh, *wh.parents] if p.exists()), None)
-        if parent is None or not os.access(parent, os.W_OK):
-            raise bad(f"paths.warehouse: cannot create or write {wh} (no write access to {parent})")
         if wh.exists() and not wh.is_dir():
             raise bad(f"paths.warehouse: {wh} exists and is not a directory")
+        if parent is not None and not parent.is_dir():
+            raise bad(f"paths.warehouse: cannot create {wh}: {parent} is a file, not a directory")
+        if parent is None or not _can_write(parent):
+            raise bad(f"paths.warehouse: cannot create or write {wh} (no write access to {parent})")
         cfg.paths.warehouse = str(wh)
+
+
+def _can_write(directory: Path) -> bool:
+    """Whether this process can create entries in `directory`: tried, not inferred from mode bits
+    (root passes os.access on read-only mounts and on /proc)."""
+    if not os.access(directory, os.W_OK):
+        return False
+    try:
+        tempfile.TemporaryDirectory(dir=directory, prefix=".movierec-probe-").cleanup()
+    except OSError:
+        return False
+    return True

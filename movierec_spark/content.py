@@ -120,15 +120,11 @@ def _dot_model(left: DataFrame, right: DataFrame, dim: int, left_col: str, right
     """An ALSModel whose factors are `left` and `right` (id, features array<float>).
 
     MLlib computes factor dot products in the JVM, blocked and with BLAS: transform() scores given
-    pairs, recommendForAllUsers() scores all of them with a per-row top-k heap. pyspark has no
-    constructor from factor tables, so the JVM one is called directly.
+    pairs, recommendForAllUsers() scores all of them with a per-row top-k heap.
     """
-    from pyspark.ml.recommendation import ALSModel
+    from .als import als_model_from_factors
 
-    jvm = left.sparkSession.sparkContext._jvm
-    jmodel = jvm.org.apache.spark.ml.recommendation.ALSModel("content_dot", dim, left._jdf, right._jdf)
-    jmodel.setUserCol(left_col).setItemCol(right_col).setPredictionCol("dot").setColdStartStrategy("nan")
-    return ALSModel(jmodel)
+    return als_model_from_factors(left, right, dim, left_col, right_col, prediction_col="dot", uid="content_dot")
 
 
 def _pairs_frame(pairs: DataFrame) -> DataFrame:
@@ -145,7 +141,8 @@ def exact_neighbours(vectors: DataFrame, k: int) -> DataFrame:
     pair once in the JVM and keeps k + 1 per movie (itself included). Cost movies^2 x
     dimensions: the small-catalog mode, and the yardstick for the approximation.
     """
-    dense = _dense(vectors).cache()
+    # Not cached here (nothing would unpersist it): the caller caches `vectors`.
+    dense = _dense(vectors)
     first = dense.first()
     if first is None:
         return _top_k(vectors.sparkSession.createDataFrame([], "movieId int, similar_movieId int, similarity double"), k)
@@ -204,8 +201,7 @@ def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, 
     codes = lsh_codes(vectors, bits, tables, seed)
     size = F.count(F.lit(1)).over(Window.partitionBy("t", "code"))
     buckets = codes.withColumn(
-        "sub", F.pmod(F.xxhash64("movieId", "t", F.lit(seed)), F.greatest(F.ceil(size / bucket_cap), F.lit(1)))
-    ).cache()
+        "sub", F.pmod(F.xxhash64("movieId", "t", F.lit(seed)), F.greatest(F.ceil(size / bucket_cap), F.lit(1))))
     a, b = buckets.alias("a"), buckets.alias("b")
     cands = (a.join(b, [F.col("a.t") == F.col("b.t"), F.col("a.code") == F.col("b.code"),
                         F.col("a.sub") == F.col("b.sub"), F.col("a.movieId") < F.col("b.movieId")], "inner")
@@ -214,7 +210,7 @@ def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, 
     # Exact cosine of each candidate as a join on shared non-zero indices: rows = pairs x
     # shared entries (a few), where scoring map lookups row by row took 3x longer. Pairs that
     # share no index have cosine 0 and are no neighbours, so the inner join loses nothing.
-    entries = _sparse_entries(vectors).select("movieId", F.explode("sv").alias("i", "x")).cache()
+    entries = _sparse_entries(vectors).select("movieId", F.explode("sv").alias("i", "x"))
     ea, eb = entries.alias("ea"), entries.alias("eb")
     scored = (cands.join(ea, cands.movieId == F.col("ea.movieId"))
               .join(eb, (cands.similar_movieId == F.col("eb.movieId")) & (F.col("ea.i") == F.col("eb.i")))
@@ -292,3 +288,16 @@ def content_predict(pairs: DataFrame, train: DataFrame, sims: DataFrame, bias, s
     return (bias.predict(pairs.join(agg, ["userId", "movieId"], "left"))
             .select(*pairs.columns, F.least(F.greatest(raw, F.lit(lo)), F.lit(hi)).alias("prediction"),
                     F.coalesce("n_nb", F.lit(0)).cast("int").alias("n_nb")))
+
+
+def neighbour_method(method: str, n_movies: int, exact_max_movies: int) -> str:
+    """'exact' or 'lsh': `content.method`, with 'auto' exact up to `exact_max_movies` movies."""
+    return method if method != "auto" else ("exact" if n_movies <= exact_max_movies else "lsh")
+
+
+def movie_neighbours(vectors: DataFrame, c, method: str, seed: int) -> DataFrame:
+    """The `similar_movies` rows (movieId, similar_movieId, similarity, rank) of `vectors` by
+    `method` ('exact' or 'lsh')."""
+    if method == "exact":
+        return exact_neighbours(vectors, c.k)
+    return lsh_neighbours(vectors, c.k, c.lsh_bits, c.lsh_tables, c.lsh_bucket_cap, seed)

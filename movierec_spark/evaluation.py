@@ -364,3 +364,41 @@ def metrics_frame(spark: SparkSession, run_id: str, model: str, split: str,
         metric, k, value = r
         data.append((run_id, model, str(metric), None if k is None else int(k), float(value), split))
     return spark.createDataFrame(data, METRICS_SCHEMA)
+
+
+def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFrame | None, train: DataFrame | None,
+                 test: DataFrame | None, n_items: int, cfg, similarity: DataFrame | None
+                 ) -> tuple[DataFrame | None, dict[str, list[MetricRow]]]:
+    """(metrics rows with split 'test', or None when there is nothing to evaluate; the rows by
+    model) of a run: rating metrics of every model in `preds` (model, rating, prediction) and
+    ranking metrics of every model in `top` (model, userId, movieId, rank) against `test`.
+    Runs Spark jobs (one per model and metric family); `cfg`: the evaluation config."""
+    rows_by_model: dict[str, list[MetricRow]] = {}
+    for model in sorted(r.model for r in preds.select("model").distinct().collect()):
+        p = preds.where(F.col("model") == model)
+        rows_by_model.setdefault(model, []).extend((m, None, v) for m, v in rating_metrics(p).items())
+    if top is not None:
+        for model in sorted(r.model for r in top.select("model").distinct().collect()):
+            recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
+            rows_by_model.setdefault(model, []).extend(evaluate_ranking_model(
+                recs, test, train, n_items, ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
+                similarity=similarity))
+            recs.unpersist()
+    frames = [metrics_frame(spark, run_id, m, "test", rows) for m, rows in rows_by_model.items()]
+    if not frames:
+        return None, rows_by_model
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.unionByName(f)
+    return df, rows_by_model
+
+
+def log_metrics(rows_by_model: dict[str, list[MetricRow]]) -> dict:
+    """Log every metric row; return the headline figures per model (rmse, mae, precision@10, ndcg@10)."""
+    out = {}
+    for model, rows in rows_by_model.items():
+        for metric, k, value in rows:
+            log.info("metric %-13s %-10s %-4s %.4f", model, metric, "" if k is None else f"@{k}", value)
+        out[model] = {f"{m}@{k}" if k else m: round(v, 4) for m, k, v in rows
+                      if (k is None and m in ("rmse", "mae")) or (k == 10 and m in ("precision", "ndcg"))}
+    return out

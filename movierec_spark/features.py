@@ -29,21 +29,15 @@ vectors; with caps above the largest count the similarities are exact.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig
+from .tables import CSMR, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
 
 log = logging.getLogger(__name__)
-
-NB = 5  # the article's five neighbours
-
-SUR = [f"sur{i}" for i in range(1, NB + 1)]
-SMR = [f"smr{i}" for i in range(1, NB + 1)]
-CSMR = [f"csmr{i}" for i in range(1, NB + 1)]
-FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n_sur"] + SMR + ["n_smr"]
-            + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"])
 
 
 def hash_sample(cols: list[str], seed: int, frac: float):
@@ -223,3 +217,94 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         df.unpersist()
     bias.unpersist()
     return result
+
+
+@dataclass
+class FeaturePass:
+    """One pair_features call: features of `keys` from the ratings in `fit`; `labels` says which
+    of them land in the table as what: (split name, rows with their rating, fold; -1: not a
+    train fold)."""
+    what: str
+    fit: DataFrame
+    keys: DataFrame
+    labels: list
+
+
+def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: HybridConfig, seed: int,
+                n_train: int, whole_fit: bool = False) -> tuple[list[FeaturePass], dict]:
+    """The features stage's passes, and figures for its log: out-of-fold passes over train's hash
+    folds (fold f's rows from the other folds), and test rows plus recommendation candidates
+    (`cands`: userId, movieId) from the whole train part.
+
+    `test_features` 'fold' lets the test rows ride along with fold 0's pass (the same ALS fit and
+    neighbour lists: one pass fewer, train and test features from fits of the same size); 'auto'
+    picks it when one out-of-fold pass is computed on a sample. `whole_fit` (a serve run) forces
+    a pass from the whole train part: served pairs are featurised from every rating, never a fold.
+    """
+    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds)).cast("int")
+    folded = train.withColumn("fold", fold)
+    n_oof, frac = oof_plan(n_train, h)
+    keep = F.lit(True) if frac >= 1.0 else gbt_sample(seed, frac)
+    if frac < 1.0:
+        log.info("features: out-of-fold rows of %d fold(s), a %.1f%% hash sample of them (hybrid.max_train_rows=%d)",
+                 n_oof, 100 * frac, h.max_train_rows)
+    test_mode = h.test_features
+    if test_mode == "auto":
+        test_mode = "fold" if n_oof == 1 and frac < 1.0 else "full"
+    if whole_fit:
+        test_mode = "full"
+    pairs = test.withColumn("split", F.lit("test"))
+    if cands is not None:
+        pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
+                                               F.lit("candidate").alias("split")))
+    names = ("test", "candidate") if cands is not None else ("test",)
+    passes = []
+    for f in range(n_oof):
+        rows = folded.where((F.col("fold") == f) & keep)
+        shared = f == 0 and test_mode == "fold"
+        keys = rows.select("userId", "movieId")
+        if shared:
+            keys = keys.unionByName(pairs.select("userId", "movieId")).distinct()
+        labels = [("train", rows, f)] + ([(n, pairs.where(F.col("split") == n), -1) for n in names] if shared else [])
+        what = f"fold {f + 1}/{n_oof} (train rows of this fold{' and the test rows' if shared else ''}, " \
+               f"from the other {h.folds - 1} folds)"
+        passes.append(FeaturePass(what, folded.where(F.col("fold") != f), keys, labels))
+    if test_mode == "full":
+        passes.append(FeaturePass(f"test rows{' and candidates' if cands is not None else ''}, from the whole train part",
+                                  train, pairs.select("userId", "movieId").distinct(),
+                                  [(n, pairs.where(F.col("split") == n), -1) for n in names]))
+    return passes, {"oof_folds": n_oof, "oof_fraction": round(frac, 4), "test_features": test_mode}
+
+
+def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1) -> list[DataFrame]:
+    """pair_features of every pass (each result cached and counted: unpersist them once
+    written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config)."""
+    def run_pass(p: FeaturePass) -> DataFrame:
+        log.info("features: %s", p.what)
+        return pair_features(p.fit, p.keys, *args)
+
+    if threads <= 1:
+        return [run_pass(p) for p in passes]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyspark import inheritable_thread_target
+
+    # inheritable_thread_target: the pass's jobs keep the stage's job group (the scale harness
+    # and the kill test attribute jobs by it).
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
+        return list(pool.map(inheritable_thread_target(spark)(run_pass), passes))
+
+
+def labelled_rows(passes: list[FeaturePass], results: list[DataFrame]) -> DataFrame:
+    """The features table's rows: each pass's features joined to the rows it labels, with their
+    rating as `label`, their split and fold."""
+    frames = []
+    for p, feats in zip(passes, results):
+        for split, rows, f in p.labels:
+            frames.append(feats.join(rows.select("userId", "movieId", F.col("rating").alias("label")),
+                                     ["userId", "movieId"])
+                          .withColumn("split", F.lit(split)).withColumn("fold", F.lit(f)))
+    df = frames[0]
+    for p in frames[1:]:
+        df = df.unionByName(p)
+    return df

@@ -86,6 +86,25 @@ class HadoopPath:
             stream.close()
 
 
+def read_head(path: str, n: int) -> bytes:
+    """The first `n` bytes of a file (to sniff its format before Spark reads it)."""
+    p = as_path(path)
+    if isinstance(p, HadoopPath):
+        stream = p._fs.open(p._jpath)
+        try:
+            buf = bytearray()
+            while len(buf) < n:
+                b = stream.read()
+                if b < 0:
+                    break
+                buf.append(b)
+            return bytes(buf)
+        finally:
+            stream.close()
+    with open(p, "rb") as f:
+        return f.read(n)
+
+
 def as_path(path):
     """pathlib.Path for a local path, HadoopPath for a URI (s3a://, abfss://, gs://, file:/...)."""
     if isinstance(path, (Path, HadoopPath)):

@@ -9,17 +9,23 @@ file, input rows = loaded rows + rejected rows.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import reduce
+from pathlib import Path
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from . import tables
+from .config import Config, is_uri
+from .download import safe_extract
 from .fs import exists as fs_exists
-from .fs import file_size
-from .layouts import ML100K_ITEM_FIXED, FileSpec, Layout
+from .fs import file_size, read_head
+from .layouts import ML100K_ITEM_FIXED, FileSpec, Layout, detect_layout
 from .tables import TABLE_SCHEMAS
 
 log = logging.getLogger(__name__)
@@ -360,6 +366,26 @@ def _count_reasons(df: DataFrame) -> dict[str, int]:
     return {r["r"]: int(r["count"]) for r in rows}  # one row per reason: bounded
 
 
+# Formats a MovieLens text file is sometimes saved in by mistake, by their first bytes.
+_NOT_TEXT = (
+    (b"\x1f\x8b", "gzip-compressed: decompress it (gunzip) first"),
+    (b"PK\x03\x04", "a zip archive: pass the .zip itself as --input, or extract it"),
+    (b"\xff\xfe", "UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"),
+)
+
+
+def sniff_format(spec: FileSpec) -> None:
+    """Refuse, with one line saying what to do, a file that is not text at all: every line of it
+    would be rejected, and the reject threshold would report a symptom, not the cause."""
+    if not fs_exists(spec.path):
+        return
+    head = read_head(spec.path, 4)
+    for magic, what in _NOT_TEXT:
+        if head.startswith(magic):
+            raise IngestError(f"{spec.path}: the {spec.role} file is {what}")
+
+
 def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int, now: int | None = None,
                   known_movies: DataFrame | None = None) -> dict[str, CheckedFile]:
     """Read and check every file of the layout; DataFrames are persisted and counted.
@@ -372,6 +398,7 @@ def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int
     checked: dict[str, CheckedFile] = {}
 
     def lines_of(spec: FileSpec) -> DataFrame:
+        sniff_format(spec)
         size = file_size(spec.path) if fs_exists(spec.path) else whole_file_max_bytes + 1
         return split_fields(read_lines(spark, spec, whole_file_max_bytes, size), spec)
 
@@ -443,3 +470,206 @@ def enforce_threshold(checked: dict[str, CheckedFile], threshold: float) -> None
         )
     if total == 0:
         raise IngestError("the input has no data rows (empty or header-only files)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: resolve the input, check every file, then write the tables
+
+INGEST_ORDER = ["movies", "ratings", "tags", "users", "links", "genome_tags", "genome_scores"]
+
+
+def resolve_input(cfg: Config, input_path: str) -> Path:
+    """A MovieLens directory, or a GroupLens .zip extracted once (safely) under data_dir. A URI
+    (s3a://, abfss://, gs://, hdfs://) names a directory, read where it lies.
+
+    A zip is extracted into `<dest>.partial-<pid>` and renamed to `<dest>` when complete, so
+    `<dest>` exists only whole: a run killed mid-extraction leaves a partial directory, which
+    the next run removes before extracting again.
+    """
+    if is_uri(input_path):
+        from .fs import HadoopPath
+
+        p = HadoopPath(input_path, SparkSession.getActiveSession())
+        if not p.is_dir():
+            raise FileNotFoundError(f"--input {input_path}: not a directory there (an object-store input is a "
+                                    "MovieLens directory; a .zip must be local)")
+        return p
+    p = Path(input_path)
+    if p.is_dir():
+        return p
+    if p.suffix.lower() == ".zip" and p.is_file():
+        st = p.stat()
+        dest = Path(cfg.paths.data_dir).resolve() / ".extracted" / f"{p.stem}-{st.st_size}-{int(st.st_mtime)}"
+        if dest.is_dir() and any(not c.name.startswith(".extract-") for c in dest.iterdir()):
+            log.info("reusing %s extracted at %s", p.name, dest)
+            return dest
+        if dest.is_dir():  # an older release's half extraction (only its temporary directory)
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f"{dest.name}.partial-*"):
+            if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+                log.info("removing %s: an extraction that did not finish", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.parent / f"{dest.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = safe_extract(p, tmp, max_uncompressed_bytes=cfg.ingest.max_uncompressed_bytes)
+        os.rename(tmp, dest)
+        return dest / root.relative_to(tmp)
+    raise FileNotFoundError(f"--input {input_path}: not a directory or a .zip file")
+
+
+def _pid_alive(pid: str) -> bool:
+    """Whether the process that named a partial extraction is still running (it may be extracting)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()
+
+
+def ingest_dataset(spark: SparkSession, cfg: Config, input_path: str, run_id: str, now: int | None = None) -> dict:
+    """Ingest a MovieLens dataset into the warehouse (writes its tables and `rejects`). Returns
+    per-file counts.
+
+    All files are checked (and counted) before any table is touched, so a rejected share above
+    the threshold leaves the warehouse exactly as it was.
+    """
+    incremental, replace, wh = cfg.ingest.incremental, cfg.ingest.replace, cfg.paths.warehouse
+    layout = detect_layout(resolve_input(cfg, input_path), partial=incremental)
+    source = source_fingerprint(layout, input_path)
+    if not incremental:
+        check_same_source(spark, wh, source, replace)
+    known = None
+    if incremental:
+        if not tables.table_exists(spark, tables.table_path(cfg.paths.warehouse, "movies")):
+            raise ValueError(f"--incremental: no movies table in {cfg.paths.warehouse}; ingest a full dataset first")
+        known = tables.read_table(spark, cfg.paths.warehouse, "movies").select("movieId")
+    checked = check_dataset(spark, layout, cfg.ingest.whole_file_max_bytes, now=now, known_movies=known)
+    try:
+        enforce_threshold(checked, cfg.ingest.reject_threshold)
+        rejects = None
+        for role in INGEST_ORDER:
+            if role in checked:
+                r = checked[role].rejects(run_id)
+                rejects = r if rejects is None else rejects.unionByName(r)
+        # No rejects, no commit (an unchanged incremental input leaves every table's version as
+        # it was), unless a rerun of this run id must clear rejects it wrote before.
+        if sum(c.rejected for c in checked.values()) or _has_run_rows(spark, wh, "rejects", run_id):
+            tables.replace_where(spark, rejects, wh, "rejects", {"run_id": run_id})
+        else:
+            tables.ensure_table(spark, wh, "rejects")  # the table exists (empty) for readers
+        summary = {}
+        for role in INGEST_ORDER:
+            if role not in checked:
+                continue
+            cf = checked[role]
+            stats = tables.upsert(spark, cf.loaded(), wh, TABLE_OF_ROLE.get(role, role), delete_missing=replace)
+            summary[cf.source] = {
+                "input": cf.input_rows,
+                "loaded": cf.counts.get("loaded", 0),
+                "rejected": cf.rejected,
+                **stats,
+            }
+        if replace:  # a table the new dataset does not have holds nothing of it
+            for role in INGEST_ORDER:
+                name = TABLE_OF_ROLE.get(role, role)
+                path = tables.table_path(wh, name)
+                if role not in checked and tables.table_exists(spark, path):
+                    from delta.tables import DeltaTable
+
+                    DeltaTable.forPath(spark, path).delete()
+                    log.info("%s: emptied (the replacing dataset has no %s file)", name, role)
+        # Recorded when it says something new: an unchanged rerun commits nothing anywhere.
+        if replace or any(v.get("inserted") or v.get("updated") or v.get("deleted") for v in summary.values()) \
+                or not _recorded(spark, wh, source):
+            record_source(spark, wh, source, run_id, "incremental" if incremental else "replace" if replace else "full")
+        unknown = {k for c in checked.values() for k in c.counts if k != "loaded" and k not in REASONS}
+        assert not unknown, f"reason codes outside REASONS: {unknown}"
+        return summary
+    finally:
+        for cf in checked.values():
+            cf.df.unpersist()
+
+
+TABLE_OF_ROLE = {"genome_scores": "genome"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an ingest read: its layout, files with sizes, and a fingerprint of them (with a
+    content hash of the ratings file) that tells two datasets apart wherever they are stored."""
+    layout: str
+    path: str
+    files: dict
+    fingerprint: str
+
+    def describe(self) -> str:
+        names = ", ".join(f"{n} ({s:,} bytes)" for n, s in sorted(self.files.items()))
+        return f"{self.path} [{self.layout} layout: {names}]"
+
+
+def source_fingerprint(layout: Layout, input_path: str) -> Source:
+    """The fingerprint of a dataset: layout, file names and sizes, and the SHA-256 of the ratings
+    file's bytes (of a local file; on an object store its name and size stand for it)."""
+    import hashlib
+    import json
+
+    from .redact import redact_text
+
+    files = {os.path.basename(spec.path): file_size(spec.path) for spec in layout.files.values()}
+    h = hashlib.sha256(json.dumps([layout.name, sorted(files.items())]).encode())
+    ratings = layout.files.get("ratings")
+    if ratings is not None and os.path.isfile(ratings.path):
+        with open(ratings.path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return Source(layout.name, redact_text(str(input_path)), files, h.hexdigest()[:32])
+
+
+def check_same_source(spark: SparkSession, wh: str, source: Source, replace: bool) -> None:
+    """A plain ingest into a warehouse that holds another dataset is refused: merged by key, two
+    datasets' colliding ids would mix and the old rows would stay. `replace` lifts it."""
+    if replace or not tables.table_exists(spark, tables.table_path(wh, "ratings")):
+        return
+    if tables.read_table(spark, wh, "ratings").isEmpty():
+        return
+    prev = None
+    if tables.table_exists(spark, tables.table_path(wh, "sources")):
+        prev = (tables.read_table(spark, wh, "sources").where(F.col("mode") != "incremental")
+                .orderBy(F.col("ingested_at").desc()).first())
+    if prev is None:
+        log.warning("warehouse %s has ratings but no record of their source (written before ingest recorded "
+                    "sources): ingesting %s into it as the same dataset", wh, source.describe())
+        return
+    if prev["fingerprint"] != source.fingerprint:
+        import json
+
+        old = Source(prev["layout"], prev["source"] or "?", json.loads(prev["files"]), prev["fingerprint"])
+        raise IngestError(
+            f"warehouse {wh} holds another dataset: {old.describe()}, ingested by run {prev['run_id']}; "
+            f"this input is {source.describe()}. Pass --replace to replace it, --incremental to add this input's "
+            "rows to it, or use another --warehouse")
+
+
+def _recorded(spark: SparkSession, wh: str, source: Source) -> bool:
+    path = tables.table_path(wh, "sources")
+    return tables.table_exists(spark, path) and not tables.read_table(spark, wh, "sources").where(
+        F.col("fingerprint") == source.fingerprint).isEmpty()
+
+
+def record_source(spark: SparkSession, wh: str, source: Source, run_id: str, mode: str) -> None:
+    import datetime as dt
+    import json
+
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    row = [(run_id, now, mode, source.layout, source.path, json.dumps(source.files, sort_keys=True),
+            source.fingerprint)]
+    tables.append(spark, spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["sources"]), wh, "sources")
+
+
+def _has_run_rows(spark, wh: str, name: str, run_id: str) -> bool:
+    path = tables.table_path(wh, name)
+    return tables.table_exists(spark, path) and not tables.read_table(spark, wh, name).where(
+        F.col("run_id") == run_id).isEmpty()

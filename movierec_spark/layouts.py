@@ -68,15 +68,29 @@ ML100K_USER_COLUMNS = ("userId", "age", "gender", "occupation", "zip")
 ML100K_ITEM_FIXED = ("movieId", "title", "release_date", "video_release_date", "imdb_url")
 
 
-def _find_root(path: Path) -> Path:
-    """The directory holding the data files: `path` itself or its single data subdirectory."""
-    markers = ("ratings.csv", "ratings.dat", "u.data")
+MARKERS = ("ratings.csv", "ratings.dat", "u.data")
+
+
+def _find_root(path: Path, depth: int = 3) -> Path:
+    """The directory holding the data files: `path` itself, its single data subdirectory, or,
+    when `path` holds nothing but one directory (a zip with an extra folder level), that
+    directory's, up to `depth` levels down."""
+    markers = MARKERS
+    for m in markers:
+        if (path / m).exists() and not (path / m).is_file():
+            raise LayoutError(f"{path / m}: a directory (or something else) where the {m} file is expected")
     if any((path / m).is_file() for m in markers):
         return path
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))]
     hits = [d for d in subdirs if any((d / m).is_file() for m in markers)]
     if len(hits) == 1:
         return hits[0]
+    entries = [d for d in path.iterdir() if not d.name.startswith((".", "__"))]
+    if not hits and depth > 1 and len(entries) == 1 and entries[0].is_dir():
+        try:
+            return _find_root(entries[0], depth - 1)
+        except LayoutError:
+            pass
     raise LayoutError(
         f"{path}: no MovieLens ratings file found (looked for {', '.join(markers)} here and in "
         "one level of subdirectories); pass a MovieLens directory or the .zip GroupLens ships"
@@ -100,6 +114,8 @@ def detect_layout(path: str | Path, partial: bool = False) -> Layout:
     if (root / "ratings.csv").is_file():
         files = {}
         for role, fname in CSV_FILES.items():
+            if (root / fname).exists() and not (root / fname).is_file():
+                raise LayoutError(f"{root / fname}: a directory (or something else) where the {fname} file is expected")
             if (root / fname).is_file():
                 files[role] = FileSpec(role, str(root / fname), "csv", CSV_COLUMNS[role], True)
         if "movies" not in files and not partial:

@@ -1,9 +1,9 @@
-"""The pipeline runner: a registry of stages, run in order, every run recorded in `runs`.
+"""The pipeline runner: a run's stages in order, every run and finished stage recorded.
 
-A stage is a function `(ctx: RunContext) -> dict | None` registered with `@stage("name")`; it
-reads its inputs from Delta tables (or ctx), writes its outputs through `tables`, and returns a
-small dict of figures that is logged. Later issues add stages (split, als, content, features,
-hybrid, recommend) by registering them; `pipeline.stages` in the config chooses which run.
+A stage is a function `(ctx: RunContext) -> dict | None` listed in `stages.STAGES`; it reads its
+inputs from Delta tables (or ctx), writes its outputs through `tables`, and returns a small dict
+of figures that is logged and committed to `run_stages`. `pipeline.stages` in the config (or
+`--stages`) chooses which run, in order.
 """
 
 from __future__ import annotations
@@ -13,70 +13,21 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Callable
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from . import tables
 from .config import Config
+from .context import RunContext
+from .redact import redact_text
+from .stages import STAGES
 
 log = logging.getLogger(__name__)
-
-StageFn = Callable[["RunContext"], "dict | None"]
-STAGES: dict[str, StageFn] = {}
-
-
-def stage(name: str) -> Callable[[StageFn], StageFn]:
-    def register(fn: StageFn) -> StageFn:
-        STAGES[name] = fn
-        return fn
-
-    return register
 
 
 class PipelineError(RuntimeError):
     pass
-
-
-@dataclass
-class RunContext:
-    spark: SparkSession
-    cfg: Config
-    run_id: str
-    input_path: str | None
-    warehouse: str
-    results: dict[str, dict] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    # In-run memo of what several stages derive from the same tables (the split's cached train
-    # and test frames, the bias model): later stages reuse it instead of recomputing it.
-    shared: dict[str, object] = field(default_factory=dict)
-    # Set by a stage when the rest of the run has nothing to do (an unchanged incremental input).
-    stop_reason: str | None = None
-    # A freshly minted run id cannot have rows yet: its bookkeeping rows and its per-run outputs
-    # (predictions, top_n, metrics, ...) are blind appends (about 1 s cheaper per write than a
-    # MERGE or replaceWhere on this machine).
-    fresh: bool = False
-
-    @property
-    def serving(self) -> bool:
-        """A serve run: no test part, every model learns from all the ratings, and the run
-        writes `recommendations` (an evaluate run writes predictions, top_n and metrics)."""
-        return self.cfg.pipeline.mode == "serve"
-
-    def memo(self, key: str, build: Callable[[], object]):
-        if key not in self.shared:
-            self.shared[key] = build()
-        return self.shared[key]
-
-    def release(self) -> None:
-        """Drop the memo and unpersist what it cached (a stage that rewrites its sources calls this)."""
-        for value in self.shared.values():
-            for obj in value if isinstance(value, tuple) else (value,):
-                if hasattr(obj, "unpersist"):
-                    obj.unpersist()
-        self.shared.clear()
 
 
 def _point_latest(spark: SparkSession, ctx: RunContext, name: str) -> None:
@@ -95,8 +46,10 @@ def new_run_id() -> str:
 def _record_run(spark: SparkSession, ctx: RunContext, started: dt.datetime, status: str,
                 error: str | None = None) -> None:
     finished = None if status == "running" else dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    row = [(ctx.run_id, started.replace(tzinfo=None), finished, status, ctx.input_path,
-            ctx.cfg.to_json(), ctx.stage_seconds, error, ctx.cfg.pipeline.mode)]
+    # Secrets never reach the table: the config is redacted, and so are credentials in a URI.
+    row = [(ctx.run_id, started.replace(tzinfo=None), finished, status,
+            redact_text(ctx.input_path) if ctx.input_path else None, ctx.cfg.to_json(), ctx.stage_seconds,
+            redact_text(error) if error else None, ctx.cfg.pipeline.mode)]
     df = spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["runs"])
     if ctx.fresh and status == "running":
         tables.append(spark, df, ctx.warehouse, "runs")
@@ -165,9 +118,6 @@ def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
 
 
 def validate_stages(names: list[str]) -> None:
-    # Import for the side effect of registering built-in stages.
-    from . import stages  # noqa: F401
-
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; registered: {sorted(STAGES)}")
@@ -198,7 +148,8 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
     if run_id and not resume:
         _check_kind(spark, cfg, run_id)
     ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id)
-    log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, input_path, ctx.warehouse)
+    log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, redact_text(str(input_path)),
+             redact_text(ctx.warehouse))
     _record_run(spark, ctx, started, "running")
     current = None
     try:

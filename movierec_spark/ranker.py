@@ -169,3 +169,78 @@ def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int =
 def rank_scores(model: PipelineModel, feats: DataFrame) -> DataFrame:
     """userId, movieId, p: the ranker's probability that the candidate is a held-out movie."""
     return model.transform(feats).select("userId", "movieId", F.get(vector_to_array("probability"), 1).alias("p"))
+
+
+def pool_length(cfg) -> int:
+    """How long a candidate list per model the learned ranker takes: the pool, at least max(ks)."""
+    return max(cfg.hybrid.candidate_pool, max(cfg.evaluation.ks))
+
+
+def implicit_pool(cfg) -> int | None:
+    """How long a list of implicit ALS the als_implicit stage keeps for the learned ranker
+    (None: no learned ranker in this run)."""
+    h = cfg.hybrid
+    if h.ranker != "learned" or "als_implicit" not in h.candidate_models or "recommend" not in cfg.pipeline.stages:
+        return None
+    return pool_length(cfg)
+
+
+def cached_item_neighbours(train: DataFrame, h, seed: int) -> DataFrame | None:
+    """The ranker's item-kNN table of `train`, cached (None when `ranker_knn_neighbours` is 0)."""
+    if not h.ranker_knn_neighbours:
+        return None
+    return item_neighbours(train, h.ranker_knn_neighbours, h.ranker_knn_cap or h.cap_per_user, seed).cache()
+
+
+def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg, n_items: int
+                 ) -> tuple[PipelineModel, list]:
+    """(model, validation rows): the ranker fitted on fold 0 of `train` (the features stage's
+    hash folds) with the candidate models refitted on the other folds, so neither the ranker
+    nor its inputs see a test part. A hash share of the users (`hybrid.ranker_validation_users`)
+    is left out of its training: its ranked lists for them, against their fold-0 movies, give
+    the validation metric rows (model, k, value) (empty when that share is 0).
+
+    Runs Spark jobs: it caches the refitted lists on the way and unpersists them before it
+    returns. `times`: train's (userId, movieId, rated_at).
+    """
+    from .baselines import top_n_per_user
+    from .evaluation import evaluate_ranking_model
+    from .features import hash_sample
+
+    h = cfg.hybrid
+    models, seed = h.candidate_models, cfg.pipeline.seed
+    n, pool = max(cfg.evaluation.ks), pool_length(cfg)
+    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds))
+    rest, held = train.where(fold != 0).cache(), train.where(fold == 0)
+    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool,
+                                             users=sample_users(rest, h.ranker_max_users, seed))
+    lists = lists.cache()
+    nb = cached_item_neighbours(rest, h, seed)
+    feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
+    labelled = (feats.join(held.select("userId", "movieId", F.lit(1.0).alias("label")), ["userId", "movieId"], "left")
+                .fillna({"label": 0.0}))
+    val_share = h.ranker_validation_users
+    is_val = hash_sample(["userId"], seed + 4, val_share) if val_share > 0 else F.lit(False)
+    model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth)
+    validation = []
+    if val_share > 0:
+        # The final lists of users the ranker never trained on, scored like every list, against
+        # the movies of theirs the candidate models did not see.
+        n_eval = max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
+        vfeats = feats.where(is_val)
+        vlists = top_n_per_user(rank_scores(model, vfeats), n_eval, score=F.col("p"))
+        vheld = held.join(vfeats.select("userId").distinct(), "userId", "left_semi")
+        validation = evaluate_ranking_model(vlists, vheld, rest, n_items, ks=tuple(cfg.evaluation.ks),
+                                            relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
+    for df in (rest, lists, nb, *inner):
+        if df is not None:
+            df.unpersist()
+    return model, validation
+
+
+def serving_scores(model: PipelineModel, lists: DataFrame, train: DataFrame, times: DataFrame,
+                   nb: DataFrame | None, implicit, cfg) -> DataFrame:
+    """userId, movieId, prediction: the ranker's probability for each candidate of `lists`
+    (model, userId, rank, movieId, score, because_movieId), its features built from `train`."""
+    feats, _ = ranker_features(lists, train, cfg.hybrid.candidate_models, pool_length(cfg), implicit, times, nb)
+    return rank_scores(model, feats).withColumnRenamed("p", "prediction")

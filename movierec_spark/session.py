@@ -20,6 +20,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from .config import Config, is_uri
+from .redact import SECRET_KEY_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def _packages(cfg: Config) -> list[str]:
+def jar_packages(cfg: Config) -> list[str]:
     """Delta's coordinate first, then spark.packages (object-store connectors), de-duplicated."""
     out = [cfg.spark.delta_package]
     for p in cfg.spark.packages:
@@ -42,7 +43,7 @@ def _packages(cfg: Config) -> list[str]:
     return out
 
 
-def _manifest(ivy_dir: Path, packages: list[str]) -> Path:
+def jar_manifest(ivy_dir: Path, packages: list[str]) -> Path:
     # One manifest per package set: adding hadoop-aws resolves once more (its own jar list),
     # and dropping it again goes back to the Delta-only list.
     return ivy_dir / ("movierec-jars-" + "+".join(p.replace(":", "_") for p in packages) + ".txt")
@@ -51,7 +52,7 @@ def _manifest(ivy_dir: Path, packages: list[str]) -> Path:
 def cached_delta_jars(cfg: Config) -> list[str] | None:
     """The resolved jar files of Delta (and spark.packages) from an earlier run, or None."""
     ivy_dir = Path(os.path.expanduser(cfg.spark.ivy_dir))
-    m = _manifest(ivy_dir, _packages(cfg))
+    m = jar_manifest(ivy_dir, jar_packages(cfg))
     if not m.is_file():
         return None
     jars = [j for j in m.read_text().split() if j]
@@ -64,7 +65,7 @@ def _record_delta_jars(spark: SparkSession, cfg: Config) -> None:
     jars = spark.sparkContext.getConf().get("spark.jars", "")
     ivy_dir = Path(os.path.expanduser(cfg.spark.ivy_dir))
     if jars and "delta-spark" in jars:
-        _manifest(ivy_dir, _packages(cfg)).write_text("\n".join(jars.split(",")) + "\n")
+        jar_manifest(ivy_dir, jar_packages(cfg)).write_text("\n".join(jars.split(",")) + "\n")
 
 
 # What each object store needs on the classpath (hadoop-client 3.5.0 ships with pyspark 4.2; the
@@ -120,6 +121,8 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         # on the first invalid byte, failing the whole file. Replacing it with U+FFFD instead lets
         # ingest reject just that line (reason bad_encoding) and load the rest.
         "spark.sql.legacy.codingErrorAction": "true",
+        # Spark's UI, event log and error messages hide the same keys our logs and tables do.
+        "spark.redaction.regex": SECRET_KEY_PATTERN,
     }
     if not is_uri(cfg.paths.warehouse):
         settings["spark.sql.warehouse.dir"] = str(Path(cfg.paths.warehouse) / "_spark_sql")
@@ -140,7 +143,7 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         if jars:
             settings["spark.jars"] = ",".join(jars)
         else:
-            packages = _packages(cfg)
+            packages = jar_packages(cfg)
             log.info("resolving %s through Ivy (first run; cached afterwards)", ", ".join(packages))
             settings["spark.jars.packages"] = ",".join(packages)
     settings.update(cfg.spark.conf)
@@ -191,3 +194,24 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         submitted,
     )
     return spark
+
+
+def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
+    """Run independent Spark actions (name -> callable) from threads; record each one's seconds
+    in `out` as '<name>_s'; re-raise the first error. Worth it for chains of small jobs and
+    Delta commits whose driver-side latency leaves the cores idle."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyspark import inheritable_thread_target
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
+
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="stage") as pool:
+        # Wrapped so the jobs keep the stage's job group (a plain thread starts without it).
+        futures = [pool.submit(inheritable_thread_target(spark)(timed), name, fn) for name, fn in jobs.items()]
+        for f in futures:
+            f.result()

@@ -74,3 +74,30 @@ def split_ratings(ratings: DataFrame, cfg: SplitConfig, seed: int) -> DataFrame:
     cutoff = dt.datetime.fromisoformat(cfg.cutoff) if cfg.cutoff else quantile_cutoff(ratings, cfg.test_ratio)
     log.info("temporal split at %s", cutoff.isoformat())
     return temporal_global_split(ratings, cutoff)
+
+
+def check_predefined_split(spark, cfg: SplitConfig, movie_ids: DataFrame, whole_file_max_bytes: int) -> dict:
+    """The --train/--test files read and checked like ingest's ratings (bad rows get a reason;
+    a test pair also in train is 'in_train'): {'train': CheckedFile, 'test': CheckedFile}. Each
+    checked frame is persisted and counted; unpersist them once written."""
+    from .ingest import check_split_files
+    from .layouts import rating_file_spec
+
+    return check_split_files(spark, rating_file_spec(cfg.train_file), rating_file_spec(cfg.test_file), movie_ids,
+                             (0.5, 5.0, 0.5), whole_file_max_bytes)
+
+
+def predefined_parts(checked: dict, run_id: str) -> tuple[DataFrame, DataFrame]:
+    """(rating_splits rows, rejects rows) of a checked predefined split."""
+    rejects = checked["train"].rejects(run_id).unionByName(checked["test"].rejects(run_id))
+    parts = None
+    for role, cf in checked.items():
+        part = cf.df.where(F.col("reason").isNull()).select(
+            "userId", "movieId", "rating", "rated_at", F.lit(role).alias("split"))
+        parts = part if parts is None else parts.unionByName(part)
+    return parts, rejects
+
+
+def serve_split(ratings: DataFrame) -> DataFrame:
+    """A serve run's split: no test part, every rating is train (every model learns from all)."""
+    return ratings.select("userId", "movieId", "rating", "rated_at", F.lit("train").alias("split"))

@@ -43,6 +43,9 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
     "genome_tags": _schema(("tagId", I, False), ("tag", S, False)),
     "rejects": _schema(("run_id", S, False), ("source", S, False), ("line", L, True), ("raw", S, True),
                        ("reason", S, False)),
+    # One row per ingest: what was ingested, so a different dataset is never merged into this one.
+    "sources": _schema(("run_id", S, False), ("ingested_at", TS, False), ("mode", S, False), ("layout", S, False),
+                       ("source", S, True), ("files", S, False), ("fingerprint", S, False)),
     # One row per finished stage of a run, written as the stage ends: progress of a running run
     # and what `movierec run --resume` skips after a crash.
     "run_stages": _schema(("run_id", S, False), ("stage", S, False), ("seconds", D, False), ("result", S, True),
@@ -80,9 +83,17 @@ TABLE_SCHEMAS: dict[str, T.StructType] = {
                       ("updated_at", TS, False)),
 }
 
-def _features_schema() -> T.StructType:
-    from .features import FEATURES
+# The hybrid's feature columns: part of the `features` table's contract, so defined here (the
+# features module computes them; see its docstring for what each one is).
+NB = 5  # the article's five neighbours
+SUR = [f"sur{i}" for i in range(1, NB + 1)]
+SMR = [f"smr{i}" for i in range(1, NB + 1)]
+CSMR = [f"csmr{i}" for i in range(1, NB + 1)]
+FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n_sur"] + SMR + ["n_smr"]
+            + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"])
 
+
+def _features_schema() -> T.StructType:
     return _schema(("run_id", S, False), ("userId", I, False), ("movieId", I, False),
                    *[(f, D, True) for f in FEATURES],
                    ("label", D, True), ("split", S, False), ("fold", I, False))
@@ -111,6 +122,7 @@ TABLE_COMMENTS = {
     "genome": "Tag genome relevance per (movie, tag) (ml-20m and later)",
     "genome_tags": "Tag genome vocabulary",
     "rejects": "Input rows that were not loaded, with source file, line, raw text and reason",
+    "sources": "One row per ingest: mode (full, replace, incremental), layout, files and sizes, and the fingerprint that tells datasets apart",
     "runs": "One row per pipeline run: kind (serve/evaluate), status, input, config JSON, seconds per stage",
     "run_stages": "One row per finished stage of a run (seconds, result JSON): progress, and what --resume skips",
     "rating_splits": "Per run: the train/test split every model stage reads (deterministic per seed; a serve run's is all train)",
@@ -178,15 +190,20 @@ def conform(df: DataFrame, name: str, schema: T.StructType | None = None) -> Dat
     return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
 
 
-def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: list[str] | None = None) -> dict:
+def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: list[str] | None = None,
+           delete_missing: bool = False) -> dict:
     """MERGE new and changed rows by key; commit nothing when nothing changed.
 
-    Returns {"inserted": n, "updated": n} (0/0 when nothing changed).
+    `delete_missing`: the table becomes `df` exactly, in one commit: rows whose key is not in
+    `df` are deleted too (MERGE ... WHEN NOT MATCHED BY SOURCE DELETE); unchanged rows are not
+    rewritten. Returns {"inserted": n, "updated": n[, "deleted": n]} (zeros when nothing changed).
     """
     keys = keys or TABLE_KEYS[name]
     path = ensure_table(spark, warehouse, name)
     src = conform(df, name)
     dt = DeltaTable.forPath(spark, path)
+    if delete_missing:
+        return _replace_rows(dt, src, name, keys)
     if dt.detail().select("numFiles").first()[0] == 0:
         # A fresh table: a plain append, no join against nothing.
         src.write.format("delta").mode("append").save(path)
@@ -215,6 +232,28 @@ def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: 
     m = dt.history(1).select("operationMetrics").first()[0] or {}
     stats = {"inserted": int(m.get("numTargetRowsInserted", 0)), "updated": int(m.get("numTargetRowsUpdated", 0))}
     log.info("%s: merged %s", name, stats)
+    return stats
+
+
+def _replace_rows(dt: DeltaTable, src: DataFrame, name: str, keys: list[str]) -> dict:
+    def differs(c: str) -> str:
+        # Maps have no equality in Spark SQL; their JSON form does.
+        if isinstance(src.schema[c].dataType, T.MapType):
+            return f"NOT (to_json(t.`{c}`) <=> to_json(s.`{c}`))"
+        return f"NOT (t.`{c}` <=> s.`{c}`)"
+
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    changed = " OR ".join(differs(c) for c in src.columns if c not in keys) or "FALSE"
+    (dt.alias("t").merge(src.alias("s"), cond)
+     .whenMatchedUpdateAll(condition=changed)
+     .whenNotMatchedInsertAll()
+     .whenNotMatchedBySourceDelete()
+     .execute())
+    m = dt.history(1).select("operation", "operationMetrics").first()
+    m = (m[1] or {}) if m[0] == "MERGE" else {}
+    stats = {"inserted": int(m.get("numTargetRowsInserted", 0)), "updated": int(m.get("numTargetRowsUpdated", 0)),
+             "deleted": int(m.get("numTargetRowsDeleted", 0))}
+    log.info("%s: replaced: %s", name, stats)
     return stats
 
 
@@ -265,3 +304,41 @@ def read_table(spark: SparkSession, warehouse: str, name: str) -> DataFrame:
     if not table_exists(spark, path):
         raise FileNotFoundError(f"table '{name}' not found at {path}: run the pipeline first")
     return spark.read.format("delta").load(path)
+
+
+# ----------------------------------------------------------------------------- the contract in Arrow
+
+def arrow_type(t):
+    """Spark SQL type -> the pyarrow type delta-rs writes as the same Delta type."""
+    import pyarrow as pa
+
+    if isinstance(t, T.IntegerType):
+        return pa.int32()
+    if isinstance(t, T.LongType):
+        return pa.int64()
+    if isinstance(t, T.DoubleType):
+        return pa.float64()
+    if isinstance(t, T.FloatType):
+        return pa.float32()
+    if isinstance(t, T.StringType):
+        return pa.string()
+    if isinstance(t, T.TimestampType):
+        # Spark's TimestampType is Delta's `timestamp` (UTC instants); a zone-less pyarrow
+        # timestamp would become `timestamp_ntz` instead.
+        return pa.timestamp("us", tz="UTC")
+    if isinstance(t, T.ArrayType):
+        return pa.list_(arrow_type(t.elementType))
+    if isinstance(t, T.MapType):
+        return pa.map_(arrow_type(t.keyType), arrow_type(t.valueType))
+    raise TypeError(f"no pyarrow type for {t}")
+
+
+# Columns the serve/evaluate contract added: tables written before it lack them.
+
+
+def arrow_schema(name: str):
+    """The contract's schema of table `name` as a pyarrow schema (what a JVM-free writer such as
+    delta-rs must write for Spark to read the same table)."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(f.name, arrow_type(f.dataType), f.nullable) for f in TABLE_SCHEMAS[name].fields])

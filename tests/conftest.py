@@ -59,8 +59,11 @@ def ml_small() -> Path:
 HYBRID_STAGES = ["ingest", "split", "baselines", "als", "als_implicit", "content", "features", "hybrid",
                  "recommend", "evaluate"]
 HYBRID_DATA = dict(users=80, movies=150, ratings=5_000, seed=9)
+# Small models: every GBT tree level and every candidate is Spark jobs, and this pipeline runs
+# several times in the suite (hybrid, serve and kill runs), which is CI's time budget.
 HYBRID_MODELS = dict(als__rank=6, als__max_iter=6, als_implicit__rank=6, als_implicit__max_iter=6,
-                     hybrid__folds=2, hybrid__max_iter=15, hybrid__neighbours=10, content__k=10)
+                     hybrid__folds=2, hybrid__max_iter=10, hybrid__neighbours=10, content__k=10,
+                     hybrid__ranker_max_iter=10, hybrid__candidate_pool=20, hybrid__ranker_knn_neighbours=10)
 # The hybrid suite's run is an evaluate run (held-out test part); `serve_run` is the same
 # pipeline as a serve run.
 HYBRID_OVERRIDES = dict(HYBRID_MODELS, pipeline__mode="evaluate")

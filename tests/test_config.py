@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from movierec_spark.cli import _parse_set
+from movierec_spark.cli import parse_set
 from movierec_spark.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +37,11 @@ def test_unknown_key_is_named(tmp_path):
         load_config(p)
 
 
+def test_an_unquoted_yaml_date_is_the_cutoff_it_reads_as(tmp_path):
+    cfg = load_config(write(tmp_path, "split:\n  method: temporal_global\n  cutoff: 2018-01-01\n"), check_paths=False)
+    assert cfg.split.cutoff == "2018-01-01"
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'sparkk'"):
         load_config(write(tmp_path, "sparkk: {}\n"))
@@ -54,6 +59,9 @@ def test_unknown_section(tmp_path):
         ("spark:\n  driver_memory: 256m\n", "driver_memory 256m is too little"),
         ("spark:\n  driver_memory: 64t\n", "more than this machine's"),
         ("- a\n- b\n", "top level must be a mapping"),
+        # Checked when the config loads, not when the stage starts minutes later.
+        ("split:\n  cutoff: '2018/01/01'\n", "split.cutoff must be an ISO date"),
+        ("hybrid:\n  folds: 1\n", "hybrid.folds must be >= 2"),
     ],
 )
 def test_wrong_types_rejected(tmp_path, text, match):
@@ -71,10 +79,12 @@ def test_unwritable_warehouse_rejected(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if os.access(ro, os.W_OK):  # root ignores mode bits
-            pytest.skip("running as a user that can write anywhere")
-        with pytest.raises(ConfigError, match="paths.warehouse"):
-            load_config(None, {"paths.warehouse": str(ro / "wh")})
+        # Root ignores mode bits, not /proc: there the probe's mkdir fails for anyone.
+        target = ro / "wh" if not os.access(ro, os.W_OK) else Path("/proc/movierec-wh")
+        with pytest.raises(ConfigError, match="paths.warehouse: cannot create or write"):
+            load_config(None, {"paths.warehouse": str(target)})
+        with pytest.raises(ConfigError, match="is a file, not a directory"):
+            load_config(None, {"paths.warehouse": str(write(tmp_path, "x") / "wh")})
     finally:
         ro.chmod(0o700)
 
@@ -98,12 +108,12 @@ def test_missing_config_file(tmp_path):
 
 
 def test_set_flag_parses_yaml_scalars():
-    assert _parse_set(["ingest.reject_threshold=0.1", "spark.master=local[2]"]) == {
+    assert parse_set(["ingest.reject_threshold=0.1", "spark.master=local[2]"]) == {
         "ingest.reject_threshold": 0.1,
         "spark.master": "local[2]",
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        _parse_set(["oops"])
+        parse_set(["oops"])
 
 
 def test_cluster_config_is_valid(tmp_path):
@@ -114,7 +124,7 @@ def test_cluster_config_is_valid(tmp_path):
 
 def test_set_spark_conf_key_keeps_its_dots(tmp_path):
     """Spark's keys are dotted: --set spark.conf.<key>=v sets that one key, as a string."""
-    o = _parse_set(["spark.conf.spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000",
+    o = parse_set(["spark.conf.spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000",
                     "spark.conf.spark.hadoop.fs.s3a.path.style.access=true", "spark.packages=[\"g:a:1\"]"])
     cfg = load_config(None, {"paths.warehouse": str(tmp_path / "wh"), **o})
     assert cfg.spark.conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9000"
@@ -123,15 +133,15 @@ def test_set_spark_conf_key_keeps_its_dots(tmp_path):
 
 
 def test_jar_manifest_is_per_package_set(tmp_path):
-    from movierec_spark.session import _manifest, _packages
+    from movierec_spark.session import jar_manifest, jar_packages
 
     plain = load_config(None, {"paths.warehouse": str(tmp_path / "wh")})
     s3 = load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "spark.packages": ["org.apache.hadoop:hadoop-aws:3.5.0"]})
-    assert _packages(plain) == [plain.spark.delta_package]
-    assert _packages(s3) == [s3.spark.delta_package, "org.apache.hadoop:hadoop-aws:3.5.0"]
+    assert jar_packages(plain) == [plain.spark.delta_package]
+    assert jar_packages(s3) == [s3.spark.delta_package, "org.apache.hadoop:hadoop-aws:3.5.0"]
     # The Delta-only manifest keeps its old name, so existing caches stay valid.
-    assert _manifest(tmp_path, _packages(plain)).name == "movierec-jars-" + plain.spark.delta_package.replace(":", "_") + ".txt"
-    assert _manifest(tmp_path, _packages(s3)) != _manifest(tmp_path, _packages(plain))
+    assert jar_manifest(tmp_path, jar_packages(plain)).name == "movierec-jars-" + plain.spark.delta_package.replace(":", "_") + ".txt"
+    assert jar_manifest(tmp_path, jar_packages(s3)) != jar_manifest(tmp_path, jar_packages(plain))
 
 
 def test_als_candidate_needs_its_top_n(tmp_path):

@@ -311,3 +311,55 @@ def test_safe_extract_refuses_to_overwrite(dest, tmp_path):
     with pytest.raises(DownloadError, match="already exists"):
         safe_extract(zip_path, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["ml-latest-small"]
+
+
+_STALL = """
+import sys, time
+from pathlib import Path
+from movierec_spark import download
+from movierec_spark.config import load_config
+from movierec_spark.ingest import resolve_input
+
+real = download._extract_all
+def stall(zf, infos, root, limit):  # write the first entry, then hang mid-extraction
+    real(zf, infos[:1], root, limit)
+    Path(sys.argv[2]).write_text(str(root))
+    time.sleep(600)
+download._extract_all = stall
+resolve_input(load_config(None, {"paths.data_dir": sys.argv[3], "paths.warehouse": sys.argv[4]}), sys.argv[1])
+"""
+
+
+def test_an_extraction_killed_midway_is_redone_on_the_next_run(tmp_path):
+    """A run killed while it extracts leaves a partial directory; the next run removes it and
+    extracts the zip whole (it used to reuse the half-extracted directory and fail on layout)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from movierec_spark.config import load_config
+    from movierec_spark.ingest import resolve_input
+
+    zip_path = tmp_path / "ml-latest-small.zip"
+    zip_path.write_bytes(small_dataset_zip())
+    marker, data = tmp_path / "stalled", tmp_path / "data"
+    p = subprocess.Popen([sys.executable, "-c", _STALL, str(zip_path), str(marker), str(data), str(tmp_path / "wh")])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the extraction never started"
+        os.kill(p.pid, signal.SIGKILL)  # mid-extraction, as a killed run would be
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    left = sorted(x.name for x in (data / ".extracted").iterdir())
+    assert len(left) == 1 and ".partial-" in left[0]  # what the kill left: no finished directory
+    cfg = load_config(None, {"paths.data_dir": str(data), "paths.warehouse": str(tmp_path / "wh")})
+    got = resolve_input(cfg, str(zip_path))
+    assert (got / "ratings.csv").read_bytes() == RATINGS and (got / "movies.csv").read_bytes() == MOVIES
+    assert [x.name for x in (data / ".extracted").iterdir()] == [got.parent.name]  # the partial one is gone
+    assert resolve_input(cfg, str(zip_path)) == got.parent  # reused from now on

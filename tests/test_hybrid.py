@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -133,7 +132,6 @@ def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hy
     """With train larger than hybrid.max_train_rows the stage featurises one fold's hash sample
     and (test_features auto -> fold) the test rows from the same fit, train minus fold 0: the
     test rows' UAvg and m_n must be those of train without fold 0, not of the whole train part."""
-    import dataclasses
     import shutil
 
     from movierec_spark.features import gbt_sample
@@ -143,8 +141,8 @@ def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hy
     assert ctx.results["features"]["test_features"] == "full"  # small data: the default plan
     wh = str(tmp_path / "wh")
     shutil.copytree(cfg.paths.warehouse, wh)
-    h = dataclasses.replace(cfg.hybrid, max_train_rows=1000)
-    big = dataclasses.replace(cfg, hybrid=h, paths=dataclasses.replace(cfg.paths, warehouse=wh))
+    h = cfg.hybrid.model_copy(update=dict(max_train_rows=1000))
+    big = cfg.model_copy(update=dict(hybrid=h, paths=cfg.paths.model_copy(update=dict(warehouse=wh))))
     res = run_pipeline(spark, big, None, stages=["features"], run_id="hy-plan").results["features"]
     # A run that wrote no split of its own reads the newest one of its kind: hy's.
     splits = tables.read_table(spark, wh, "rating_splits").where("run_id = 'hy'")
@@ -186,7 +184,7 @@ def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
     # (Runs last in this module: it leaves the changed rating and features behind.) Rebuilt with
     # two feature threads, so the passes-side-by-side path is held to the same values as the
     # one-at-a-time path that built `before`.
-    threaded = dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, feature_threads=2))
+    threaded = cfg.model_copy(update=dict(hybrid=cfg.hybrid.model_copy(update=dict(feature_threads=2))))
     run_pipeline(spark, threaded, None, stages=["features"], run_id="hy-changed")
     after = tables.read_table(spark, wh, "features").where(
         f"userId = {u} AND movieId = {m} AND split = 'train' AND run_id = 'hy-changed'").first()

@@ -77,3 +77,44 @@ def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_pa
     assert _versions(spark, str(wh)) == before
     run = tables.read_table(spark, str(wh), "runs").where("run_id = 'r3'").first()
     assert run.status == "succeeded"
+
+
+def test_another_dataset_is_refused_then_replaces_the_old_one_exactly(spark, tmp_path, ml_small):
+    """A plain ingest never merges a second dataset into a used warehouse; --replace makes every
+    ingested table the new input exactly (rows absent from it deleted), in one commit per table."""
+    import pytest
+    from chispa import assert_df_equality
+
+    from movierec_spark.generate import generate_dataset
+    from movierec_spark.ingest import IngestError, ingest_dataset
+
+    from .conftest import make_config
+
+    gen = tmp_path / "gen"
+    generate_dataset(gen, users=40, movies=60, ratings=1500, seed=5)
+    cfg = make_config(tmp_path / "wh")
+    wh = cfg.paths.warehouse
+    ingest_dataset(spark, cfg, str(ml_small), "first")
+    before = _versions(spark, wh)
+    with pytest.raises(IngestError, match=r"holds another dataset: .*ml-latest-small.*ingested by run first; "
+                                          r"this input is .*gen.*--replace"):
+        ingest_dataset(spark, cfg, str(gen), "second")
+    assert _versions(spark, wh) == before  # refused before any table was touched
+    # The same dataset again is fine (a rerun): nothing changes.
+    ingest_dataset(spark, cfg, str(ml_small), "again")
+    assert _versions(spark, wh) == before
+
+    summary = ingest_dataset(spark, make_config(tmp_path / "wh", ingest__replace=True), str(gen), "third")
+    assert summary["ratings.csv"]["deleted"] > 0
+    with open(gen / "ratings.csv", encoding="utf-8") as f:  # the generated file, read without Spark
+        rows = [(int(r["userId"]), int(r["movieId"]), float(r["rating"])) for r in csv.DictReader(f)]
+    want = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    got = tables.read_table(spark, wh, "ratings").select("userId", "movieId", "rating")
+    assert_df_equality(got, want, ignore_row_order=True, ignore_nullable=True)
+    with open(gen / "movies.csv", encoding="utf-8") as f:
+        movie_ids = sorted(int(r["movieId"]) for r in csv.DictReader(f))
+    assert sorted(r.movieId for r in tables.read_table(spark, wh, "movies").collect()) == movie_ids
+    history = DeltaTable.forPath(spark, tables.table_path(wh, "ratings")).history(1).first()
+    assert history.operation == "MERGE" and history.version == before["ratings"] + 1  # one commit
+    modes = [r.mode for r in tables.read_table(spark, wh, "sources").orderBy("ingested_at").collect()]
+    assert modes == ["full", "replace"]

@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 from movierec_spark import tables
 from movierec_spark.ingest import IngestError
 from movierec_spark.layouts import LayoutError, detect_layout
-from movierec_spark.stages import ingest
+from movierec_spark.ingest import ingest_dataset as ingest
 
 from .conftest import make_config
 

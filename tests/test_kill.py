@@ -160,12 +160,10 @@ def test_the_resumed_run_equals_the_uninterrupted_one(killed_run):
 
 
 def test_resume_refuses_a_finished_unknown_or_reconfigured_run(killed_run, tmp_path):
-    import dataclasses
-
     from movierec_spark.pipeline import PipelineError, run_pipeline
 
     spark, cfg, wh, _ = killed_run
-    here = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, warehouse=str(wh)))
+    here = cfg.model_copy(update=dict(paths=cfg.paths.model_copy(update=dict(warehouse=str(wh)))))
     with pytest.raises(PipelineError, match="already succeeded"):
         run_pipeline(spark, here, None, ["evaluate"], run_id="hy", resume=True)
     with pytest.raises(PipelineError, match="not in"):
@@ -173,6 +171,6 @@ def test_resume_refuses_a_finished_unknown_or_reconfigured_run(killed_run, tmp_p
     # An unfinished run resumed with other model settings would mix two configurations.
     tables.upsert(spark, tables.read_table(spark, str(wh), "runs").where("run_id = 'hy'")
                   .withColumn("run_id", F.lit("hy-unfinished")).withColumn("status", F.lit("failed")), str(wh), "runs")
-    other = dataclasses.replace(here, als=dataclasses.replace(here.als, rank=here.als.rank + 1))
+    other = here.model_copy(update=dict(als=here.als.model_copy(update=dict(rank=here.als.rank + 1))))
     with pytest.raises(PipelineError, match=r"config differs in \['als'\]"):
         run_pipeline(spark, other, None, ["evaluate"], run_id="hy-unfinished", resume=True)

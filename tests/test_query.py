@@ -28,32 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Helpers shared with test_report.py and benchmarks/query_benchmark.py
 
 
-def arrow_type(t) -> pa.DataType:
-    """Spark SQL type -> the pyarrow type delta-rs writes as the same Delta type."""
-    from pyspark.sql import types as T
-
-    if isinstance(t, T.IntegerType):
-        return pa.int32()
-    if isinstance(t, T.LongType):
-        return pa.int64()
-    if isinstance(t, T.DoubleType):
-        return pa.float64()
-    if isinstance(t, T.FloatType):
-        return pa.float32()
-    if isinstance(t, T.StringType):
-        return pa.string()
-    if isinstance(t, T.TimestampType):
-        # Spark's TimestampType is Delta's `timestamp` (UTC instants); a zone-less pyarrow
-        # timestamp would become `timestamp_ntz` instead.
-        return pa.timestamp("us", tz="UTC")
-    if isinstance(t, T.ArrayType):
-        return pa.list_(arrow_type(t.elementType))
-    if isinstance(t, T.MapType):
-        return pa.map_(arrow_type(t.keyType), arrow_type(t.valueType))
-    raise TypeError(f"no pyarrow type for {t}")
-
-
-# Columns the serve/evaluate contract added: tables written before it lack them.
 LEGACY_MISSING = {
     "runs": ["kind"],
     "recommendations": ["predicted_rating"],
@@ -65,11 +39,11 @@ LEGACY_MISSING = {
 
 def arrow_schema(name: str, legacy: bool = False) -> pa.Schema:
     """The contract's schema of `name`; `legacy`: as written before serve/evaluate runs."""
-    from movierec_spark.tables import TABLE_SCHEMAS
+    from movierec_spark.tables import arrow_schema as contract
 
     drop = set(LEGACY_MISSING.get(name, [])) if legacy else set()
-    return pa.schema([pa.field(f.name, arrow_type(f.dataType), f.nullable) for f in TABLE_SCHEMAS[name].fields
-                      if f.name not in drop])
+    full = contract(name)
+    return pa.schema([f for f in full if f.name not in drop])
 
 
 def write_table(warehouse: Path, name: str, rows: list[dict] | pa.Table, mode: str = "append",

@@ -1,0 +1,238 @@
+"""Library transforms on inline rows, compared with chispa against values worked out by hand
+(each with an empty input too): DataFrame in, DataFrame out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import pytest
+from chispa import assert_approx_df_equality, assert_df_equality
+
+from movierec_spark import baselines, features, ranker, recommend, splits
+from movierec_spark.evaluation import cooccurrence_similarity
+
+RATINGS = "userId int, movieId int, rating double, rated_at timestamp"
+SPLITS = RATINGS + ", split string"
+T0 = dt.datetime(2020, 1, 1)
+
+
+def day(n: int) -> dt.datetime:
+    return T0 + dt.timedelta(days=n)
+
+
+def eq(got, want, **kw):
+    assert_df_equality(got, want, ignore_row_order=True, ignore_nullable=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def ratings(spark):
+    # user 1 rated movies 10, 20, 30; user 2 rated 10, 20; user 3 rated 10.
+    return spark.createDataFrame([
+        (1, 10, 4.0, day(1)), (1, 20, 3.0, day(2)), (1, 30, 5.0, day(3)),
+        (2, 10, 2.0, day(1)), (2, 20, 4.0, day(5)),
+        (3, 10, 5.0, day(4)),
+    ], RATINGS)
+
+
+@pytest.fixture(scope="module")
+def empty(spark):
+    return spark.createDataFrame([], RATINGS)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_popularity_ranks_movies_by_raters_then_id(spark, ratings, empty):
+    want = spark.createDataFrame([(10, 3, 1), (20, 2, 2), (30, 1, 3)], "movieId int, n_ratings long, pop_rank int")
+    eq(baselines.popularity(ratings).select("movieId", "n_ratings", "pop_rank"), want)
+    assert baselines.popularity(empty).isEmpty()
+
+
+def test_popularity_top_n_skips_what_each_user_rated(spark, ratings, empty):
+    # Popularity order 10, 20, 30: user 2 has only 30 left, user 3 has 20 then 30, user 1 none.
+    want = spark.createDataFrame([(2, 30, 1, 1.0), (3, 20, 1, 2.0), (3, 30, 2, 1.0)],
+                                 "userId int, movieId int, rank int, score double")
+    eq(baselines.popularity_top_n(ratings, 2), want)
+    assert baselines.popularity_top_n(empty, 2).isEmpty()
+
+
+def test_top_n_per_user_orders_by_score_then_tiebreak_then_movie(spark):
+    cands = spark.createDataFrame([(1, 5, 0.9, 2), (1, 6, 0.9, 1), (1, 7, 0.1, 0), (2, 8, 0.5, 0)],
+                                  "userId int, movieId int, s double, t int")
+    from pyspark.sql import functions as F
+
+    got = baselines.top_n_per_user(cands, 2, score=F.col("s"), tiebreak=F.col("t"))
+    want = spark.createDataFrame([(1, 6, 1, 0.9), (1, 5, 2, 0.9), (2, 8, 1, 0.5)],
+                                 "userId int, movieId int, rank int, score double")
+    eq(got, want)
+    assert baselines.top_n_per_user(cands.limit(0), 2, score=F.col("s")).isEmpty()
+
+
+def test_the_bias_baseline_is_korens_shrunk_means(spark, ratings, empty):
+    from movierec_spark.config import BaselineConfig
+
+    model = baselines.fit_bias(ratings, BaselineConfig(item_reg=1.0, user_reg=1.0, iterations=1))
+    # By hand, one pass: b_i = sum(r - mu) / (n_i + 1), then b_u = sum(r - mu - b_i) / (n_u + 1).
+    mu = 23 / 6
+    b_i = {10: (4 + 2 + 5 - 3 * mu) / 4, 20: (3 + 4 - 2 * mu) / 3, 30: (5 - mu) / 2}
+    b_u = {1: (4 + 3 + 5 - 3 * mu - b_i[10] - b_i[20] - b_i[30]) / 4, 2: (2 + 4 - 2 * mu - b_i[10] - b_i[20]) / 3,
+           3: (5 - mu - b_i[10]) / 2}
+    pairs = spark.createDataFrame([(1, 20), (3, 30), (9, 10), (1, 99)], "userId int, movieId int")
+    want = spark.createDataFrame([
+        (1, 20, mu + b_u[1] + b_i[20]), (3, 30, min(5.0, mu + b_u[3] + b_i[30])),
+        (9, 10, mu + b_i[10]),  # unknown user: no user bias
+        (1, 99, mu + b_u[1]),   # unknown movie: no movie bias
+    ], "userId int, movieId int, baseline double")
+    assert_approx_df_equality(model.predict(pairs).select("userId", "movieId", "baseline"), want, 1e-9,
+                              ignore_row_order=True, ignore_nullable=True)
+    assert model.predict(pairs.limit(0)).isEmpty()
+    with pytest.raises(ValueError, match="no ratings to learn from"):
+        baselines.fit_bias(empty, BaselineConfig())
+
+
+# ----------------------------------------------------------------------------- splits
+
+def test_temporal_user_split_holds_out_each_users_last_ratings(spark, ratings, empty):
+    got = splits.temporal_user_split(ratings, 1)
+    # Users with more than one rating lose their newest one to test; user 3 keeps its only one.
+    want = spark.createDataFrame([
+        (1, 10, 4.0, day(1), "train"), (1, 20, 3.0, day(2), "train"), (1, 30, 5.0, day(3), "test"),
+        (2, 10, 2.0, day(1), "train"), (2, 20, 4.0, day(5), "test"),
+        (3, 10, 5.0, day(4), "train")], SPLITS)
+    eq(got, want)
+    assert splits.temporal_user_split(empty, 1).isEmpty()
+
+
+def test_temporal_global_split_puts_the_cutoff_day_and_later_in_test(spark, ratings, empty):
+    got = splits.temporal_global_split(ratings, day(3))
+    want = spark.createDataFrame([
+        (1, 10, 4.0, day(1), "train"), (1, 20, 3.0, day(2), "train"), (1, 30, 5.0, day(3), "test"),
+        (2, 10, 2.0, day(1), "train"), (2, 20, 4.0, day(5), "test"),
+        (3, 10, 5.0, day(4), "test")], SPLITS)
+    eq(got, want)
+    assert splits.temporal_global_split(empty, day(3)).isEmpty()
+
+
+def test_stratified_split_holds_out_a_share_of_each_user_never_a_single_rating(spark, ratings, empty):
+    from pyspark.sql import functions as F
+
+    got = splits.stratified_split(ratings, 0.5, 7)
+    # round(n / 2) clamped to [1, n - 1]: user 1 (3 ratings) -> 2, user 2 (2) -> 1, user 3 (1) -> 0.
+    per_user = got.groupBy("userId").agg(F.sum((F.col("split") == "test").cast("int")).alias("test"))
+    eq(per_user, spark.createDataFrame([(1, 2), (2, 1), (3, 0)], "userId int, test long"))
+    assert splits.stratified_split(empty, 0.5, 7).isEmpty()
+
+
+def test_a_serve_split_is_every_rating_as_train(spark, ratings, empty):
+    from pyspark.sql import functions as F
+
+    eq(splits.serve_split(ratings), ratings.withColumn("split", F.lit("train")))
+    assert splits.serve_split(empty).isEmpty()
+
+
+# ----------------------------------------------------------------------------- features, ranker
+
+def test_cosine_neighbours_of_hand_computed_vectors(spark):
+    # Centred ratings of users a=1, b=2, c=3 over movies 10, 20:
+    #   a = (1, 1), b = (1, 0), c = (-1, 1) -> cos(a, b) = 1/sqrt(2), cos(a, c) = 0 (dropped: not
+    #   positive), cos(b, c) = -1/sqrt(2) (dropped).
+    centred = spark.createDataFrame([(1, 10, 1.0), (1, 20, 1.0), (2, 10, 1.0), (3, 10, -1.0), (3, 20, 1.0)],
+                                    "userId int, movieId int, c double")
+    got = features.cosine_neighbours(centred, "userId", "movieId", 5, 1, None, 0)
+    s = 1 / math.sqrt(2)
+    want = spark.createDataFrame([(1, 2, s, 1), (2, 1, s, 1)], "userId int, nb int, sim double, rank int")
+    assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    assert features.cosine_neighbours(centred.limit(0), "userId", "movieId", 5, 1, None, 0).isEmpty()
+
+
+def test_item_neighbours_count_co_raters_over_the_norms(spark, ratings, empty):
+    # Binary vectors over users: 10 = {1, 2, 3}, 20 = {1, 2}, 30 = {1}.
+    # cos(10, 20) = 2 / sqrt(3 * 2), cos(10, 30) = 1 / sqrt(3), cos(20, 30) = 1 / sqrt(2).
+    got = ranker.item_neighbours(ratings, 5, None, 0)
+    a, b, c = 2 / math.sqrt(6), 1 / math.sqrt(3), 1 / math.sqrt(2)
+    want = spark.createDataFrame([(10, 20, a), (10, 30, b), (20, 10, a), (20, 30, c), (30, 20, c), (30, 10, b)],
+                                 "movieId int, nb int, sim double")
+    assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    assert ranker.item_neighbours(empty, 5, None, 0).isEmpty()
+
+
+def test_cooccurrence_similarity_of_the_pairs_the_lists_hold(spark, ratings):
+    recs = spark.createDataFrame([(9, 20, 1), (9, 30, 2), (8, 10, 1)], "userId int, movieId int, rank int")
+    got = cooccurrence_similarity(recs, ratings.select("userId", "movieId", "rating"), 2)
+    # Only (20, 30) shares a list: co-rated by user 1, out of 2 and 1 raters.
+    want = spark.createDataFrame([(20, 30, 1 / math.sqrt(2))], "movieId int, similar_movieId int, similarity double")
+    assert_approx_df_equality(got, want, 1e-12, ignore_nullable=True)
+    assert cooccurrence_similarity(recs.limit(0), ratings, 2).isEmpty()
+
+
+# ----------------------------------------------------------------------------- final lists
+
+def test_final_lists_rank_by_score_and_name_the_first_model_that_listed_each_movie(spark):
+    lists = spark.createDataFrame([
+        ("als_implicit", 1, 10, None), ("content", 1, 10, 99), ("content", 1, 20, 98), ("popularity", 1, 30, None),
+    ], "model string, userId int, movieId int, because_movieId int")
+    scored = spark.createDataFrame([(1, 10, 0.2), (1, 20, 0.9), (1, 30, 0.5)], "userId int, movieId int, prediction double")
+    got = recommend.final_lists(scored, lists, ["als_implicit", "content", "popularity"], 2)
+    # 10 came first from als_implicit (no because) but content names 99 for it.
+    want = spark.createDataFrame([(1, 1, 20, 0.9, "content", 98), (1, 2, 30, 0.5, "popularity", None)],
+                                 "userId int, rank int, movieId int, score double, source string, because_movieId int")
+    eq(got, want)
+    assert recommend.final_lists(scored.limit(0), lists, ["content"], 2).isEmpty()
+
+
+def test_cold_users_get_popular_movies_they_did_not_rate(spark, ratings):
+    train = ratings.where("userId != 3")
+    # User 4 rated movie 10 after the split; user 3 is not in train either. Train's popularity:
+    # 10 (2 raters), 20 (2), 30 (1).
+    late = spark.createDataFrame([(4, 10, 3.0, day(9))], RATINGS)
+    users, got = recommend.cold_user_lists(ratings.unionByName(late), train, 2)
+    eq(users, spark.createDataFrame([(3,), (4,)], "userId int"))
+    want = spark.createDataFrame([(u, r, m, s, "popular_cold", None, None) for u in (3, 4)
+                                  for r, m, s in ((1, 20, 2.0), (2, 30, 1.0))],
+                                 "userId int, rank int, movieId int, score double, source string, "
+                                 "because_movieId int, predicted_rating double")
+    eq(got, want)
+    users, got = recommend.cold_user_lists(ratings, ratings, 2)
+    assert users.isEmpty() and got.isEmpty()
+
+
+# ----------------------------------------------------------------------------- feature passes
+
+def test_feature_passes_label_each_pass_rows_with_their_rating_split_and_fold(spark):
+    feats0 = spark.createDataFrame([(1, 10, 0.5), (2, 20, 0.7)], "userId int, movieId int, x double")
+    feats1 = spark.createDataFrame([(3, 30, 0.1), (4, 40, 0.2)], "userId int, movieId int, x double")
+    rows0 = spark.createDataFrame([(1, 10, 4.0), (2, 20, 3.0)], "userId int, movieId int, rating double")
+    test = spark.createDataFrame([(3, 30, 5.0)], "userId int, movieId int, rating double")
+    cands = spark.createDataFrame([(4, 40, None)], "userId int, movieId int, rating double")
+    passes = [features.FeaturePass("fold 1", None, None, [("train", rows0, 0)]),
+              features.FeaturePass("whole", None, None, [("test", test, -1), ("candidate", cands, -1)])]
+    want = spark.createDataFrame([(1, 10, 0.5, 4.0, "train", 0), (2, 20, 0.7, 3.0, "train", 0),
+                                  (3, 30, 0.1, 5.0, "test", -1), (4, 40, 0.2, None, "candidate", -1)],
+                                 "userId int, movieId int, x double, label double, split string, fold int")
+    eq(features.labelled_rows(passes, [feats0, feats1]), want)
+    assert features.labelled_rows(passes, [feats0.limit(0), feats1.limit(0)]).isEmpty()
+
+
+def test_the_fold_plan_gives_each_fold_its_rows_and_the_test_rows_a_whole_train_pass(spark, ratings):
+    from movierec_spark.config import HybridConfig
+
+    train = ratings.select("userId", "movieId", "rating")
+    test = spark.createDataFrame([(9, 10, 3.0)], "userId int, movieId int, rating double")
+    h = HybridConfig(folds=2, max_train_rows=None)
+    passes, info = features.plan_passes(train, test, None, h, 7, 6)
+    assert info == {"oof_folds": 2, "oof_fraction": 1.0, "test_features": "full"}
+    assert [p.what.split(" (")[0] for p in passes] == ["fold 1/2", "fold 2/2", "test rows, from the whole train part"]
+    # Each fold's rows are featurised from the other fold only, and together they are train.
+    for f, p in enumerate(passes[:2]):
+        (split, rows, fold), = p.labels
+        assert (split, fold) == ("train", f)
+        assert rows.join(p.fit, ["userId", "movieId"]).isEmpty()
+        eq(rows.drop("fold").unionByName(p.fit.drop("fold")), train)
+    eq(passes[2].fit, train)
+    eq(passes[2].keys, test.select("userId", "movieId"))
+    # Serving forces the whole-train pass; 'fold' test features ride along with fold 0.
+    _, info = features.plan_passes(train, test, None, h.model_copy(update={"test_features": "fold"}), 7, 6)
+    assert info["test_features"] == "fold"
+    _, info = features.plan_passes(train, test, None, h.model_copy(update={"test_features": "fold"}), 7, 6,
+                                   whole_fit=True)
+    assert info["test_features"] == "full"
