@@ -101,6 +101,7 @@ def test_popularity_top_n_excludes_seen(spark):
     assert (3, 2) in recs and recs[(3, 1)] == 2 and recs[(3, 2)] == 4
 
 
+@pytest.mark.heavy
 def test_cf_pipeline_end_to_end(spark, tmp_path):
     """split -> baselines -> als -> evaluate on a generated set with latent structure."""
     from movierec_spark import tables

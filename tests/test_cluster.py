@@ -26,6 +26,9 @@ from movierec_spark import tables
 
 from .conftest import REPO, cli_settings, make_config
 
+# Minutes of whole-system runs: MOVIEREC_HEAVY_TESTS=1 runs them (README, Tests).
+pytestmark = pytest.mark.heavy
+
 STAGES = ["ingest", "split", "baselines", "als"]
 # The worker-loss run starts from a copy of the first cluster run's ingested warehouse.
 LOSS_STAGES = ["split", "als"]

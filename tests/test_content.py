@@ -65,6 +65,7 @@ def test_lsh_finds_exact_top_k_on_clustered_catalog(spark):
     assert j.where(F.abs(F.col("a.similarity") - F.col("e.similarity")) > 1e-6).count() == 0
 
 
+@pytest.mark.heavy
 def test_toy_story_neighbours_on_ml_latest_small(spark, tmp_path, ml_small):
     from movierec_spark import tables
     from movierec_spark.pipeline import run_pipeline

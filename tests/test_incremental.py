@@ -79,7 +79,7 @@ def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_pa
     assert run.status == "succeeded"
 
 
-def test_another_dataset_is_refused_then_replaces_the_old_one_exactly(spark, tmp_path, ml_small):
+def test_another_dataset_is_refused_then_replaces_the_old_one_exactly(spark, tmp_path):
     """A plain ingest never merges a second dataset into a used warehouse; --replace makes every
     ingested table the new input exactly (rows absent from it deleted), in one commit per table."""
     import pytest
@@ -90,18 +90,21 @@ def test_another_dataset_is_refused_then_replaces_the_old_one_exactly(spark, tmp
 
     from .conftest import make_config
 
-    gen = tmp_path / "gen"
+    # Two datasets of the same shape, different content (the old one stands in for
+    # ml-latest-small, whose ingest would double the test's time).
+    old, gen = tmp_path / "ml-old", tmp_path / "gen"
+    generate_dataset(old, users=60, movies=90, ratings=2500, seed=6)
     generate_dataset(gen, users=40, movies=60, ratings=1500, seed=5)
     cfg = make_config(tmp_path / "wh")
     wh = cfg.paths.warehouse
-    ingest_dataset(spark, cfg, str(ml_small), "first")
+    ingest_dataset(spark, cfg, str(old), "first")
     before = _versions(spark, wh)
-    with pytest.raises(IngestError, match=r"holds another dataset: .*ml-latest-small.*ingested by run first; "
+    with pytest.raises(IngestError, match=r"holds another dataset: .*ml-old.*ingested by run first; "
                                           r"this input is .*gen.*--replace"):
         ingest_dataset(spark, cfg, str(gen), "second")
     assert _versions(spark, wh) == before  # refused before any table was touched
     # The same dataset again is fine (a rerun): nothing changes.
-    ingest_dataset(spark, cfg, str(ml_small), "again")
+    ingest_dataset(spark, cfg, str(old), "again")
     assert _versions(spark, wh) == before
 
     summary = ingest_dataset(spark, make_config(tmp_path / "wh", ingest__replace=True), str(gen), "third")

@@ -27,6 +27,9 @@ from movierec_spark import tables
 
 from .conftest import HYBRID_OVERRIDES, HYBRID_STAGES, REPO, cli_settings
 
+# Minutes of whole-system runs: MOVIEREC_HEAVY_TESTS=1 runs them (README, Tests).
+pytestmark = pytest.mark.heavy
+
 # Per-run tables and the keys no row may repeat.
 RUN_KEYS = {
     "predictions": ["run_id", "model", "userId", "movieId"],

@@ -91,6 +91,7 @@ def _run(args: list[str], env: dict, timeout: int = 480) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.heavy
 def test_pipeline_reads_and_writes_s3(s3, tmp_path):
     from deltalake import DeltaTable
 
