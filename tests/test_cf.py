@@ -155,6 +155,7 @@ def test_cf_pipeline_end_to_end(spark, tmp_path):
     assert tables.read_table(spark, wh, "als_item_factors").first().features is not None
 
 
+@pytest.mark.heavy
 def test_predefined_split_files(spark, tmp_path):
     """--train/--test: ml-100k-style u1.base/u1.test; bad rows and leaked pairs go to rejects."""
     from movierec_spark import tables

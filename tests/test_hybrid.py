@@ -128,6 +128,7 @@ def test_shuffled_labels_do_not_beat_the_bias_baseline(hybrid_run):
     assert rmse > bias
 
 
+@pytest.mark.heavy
 def test_large_data_plan_features_one_sampled_fold_and_test_rows_from_its_fit(hybrid_run, tmp_path):
     """With train larger than hybrid.max_train_rows the stage featurises one fold's hash sample
     and (test_features auto -> fold) the test rows from the same fit, train minus fold 0: the

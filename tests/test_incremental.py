@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
@@ -23,6 +25,7 @@ def _versions(spark, wh):
     return out
 
 
+@pytest.mark.heavy
 def test_incremental_merges_changes_and_skips_when_nothing_changed(spark, tmp_path):
     from movierec_spark.generate import generate_dataset
     from movierec_spark.pipeline import run_pipeline

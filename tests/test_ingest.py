@@ -276,8 +276,9 @@ def test_threshold_stops_and_leaves_tables(spark, tmp_path):
         "movies.csv": CSV_MOVIES,
         "ratings.csv": CSV_RATINGS.replace("4.0", "9.0").replace("3.5", "abc") + "1,1,x,1\n",
     })
+    # (--incremental: a plain ingest of other files would be refused as another dataset first.)
     with pytest.raises(IngestError, match=r"rejected, above the threshold of 5.0%; no table was changed"):
-        ingest(spark, cfg, str(bad), "r2", now=NOW)
+        ingest(spark, make_config(tmp_path / "wh", ingest__incremental=True), str(bad), "r2", now=NOW)
     assert DeltaTable.forPath(spark, path).history(1).first()["version"] == v0
     assert read(spark, cfg, "rejects").where("run_id = 'r2'").count() == 0
 
@@ -298,10 +299,13 @@ def test_idempotent_and_upsert(spark, tmp_path):
     assert_df_equality(read(spark, cfg, "ratings"), snapshot, ignore_row_order=True)
     for t, v in versions.items():
         assert DeltaTable.forPath(spark, tables.table_path(cfg.paths.warehouse, t)).history(1).first()["version"] == v
-    # A newer input: one changed rating, one added.
+    # A newer input: one changed rating, one added. Other files than the warehouse holds: a
+    # plain ingest refuses them (another dataset), --incremental merges them.
     newer = CSV_RATINGS.replace("1,2,3.5,964981247", "1,2,2.0,964990000") + "3,4,4.5,964999999\n"
     v2 = write_files(tmp_path / "v2", {"movies.csv": CSV_MOVIES, "ratings.csv": newer})
-    s = ingest(spark, cfg, str(v2), "r3", now=NOW)
+    with pytest.raises(IngestError, match="holds another dataset"):
+        ingest(spark, cfg, str(v2), "r3", now=NOW)
+    s = ingest(spark, make_config(tmp_path / "wh", ingest__incremental=True), str(v2), "r3", now=NOW)
     assert (s["ratings.csv"]["inserted"], s["ratings.csv"]["updated"]) == (1, 1)
     assert rows(read(spark, cfg, "ratings"), "userId", "movieId", "rating") == [
         (1, 1, 4.0), (1, 2, 2.0), (2, 1, 0.5), (2, 3, 5.0), (3, 4, 4.5),

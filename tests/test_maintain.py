@@ -113,6 +113,7 @@ def _prune_fixture(spark, root: Path) -> tuple[str, dict[str, Path]]:
     return str(wh), dirs
 
 
+@pytest.mark.heavy
 def test_maintain_prunes_old_runs_but_keeps_the_latest_and_young_ones(spark, tmp_path):
     wh, dirs = _prune_fixture(spark, tmp_path)
 

@@ -136,6 +136,7 @@ def test_a_rerun_of_evaluate_reads_its_own_runs_split(after_evaluate_runs):
         run_pipeline(spark, serve, None, stages=["evaluate"], run_id="ev")
 
 
+@pytest.mark.heavy
 def test_a_reader_polling_recommendations_during_a_rewrite_sees_whole_versions(serve_run, tmp_path):
     """Rerun the recommend stage of run 'sv' with N = 5 instead of 10 while delta-rs polls the
     table: every read must show run 'sv' with exactly 10 or exactly 5 movies for every user

@@ -39,21 +39,21 @@ def cases(tmp_path_factory):
     (root / "header_only.csv").write_text(HEAD)
     (root / "test.csv").write_text(HEAD + "1,3,4.0,964983000\n")
     common = ["--input", str(data), *_settings()]
-    split = ["--stages", "ingest,split"]
+    wh = str(root / "wh-secret")
+    # The split cases reuse the first case's ingested warehouse (an ingest costs seconds).
+    split = [*_settings(), "--warehouse", wh, "--stages", "split"]
     argvs = {
         # A run with object-store keys given as Spark conf: it succeeds, and the keys stay inside.
-        "secrets": ["run", *common, "--warehouse", str(root / "wh-secret"), "--stages", "ingest,split,baselines",
+        "secrets": ["run", *common, "--warehouse", wh, "--stages", "ingest,split,baselines", "--run-id", "sec",
                     "--set", f"spark.conf.spark.hadoop.fs.s3a.secret.key={SECRET}",
                     "--set", f"spark.conf.spark.hadoop.fs.s3a.access.key={ACCESS}"],
-        "empty_train": ["evaluate", *common, "--warehouse", str(root / "wh1"), *split,
-                        "--set", "split.method=temporal_global", "--set", "split.cutoff=2000-01-01"],
-        "empty_test": ["evaluate", *common, "--warehouse", str(root / "wh2"), *split,
-                       "--set", "split.method=temporal_global", "--set", "split.cutoff=2030-01-01"],
-        "train_file_no_rows": ["evaluate", *common, "--warehouse", str(root / "wh3"), *split,
-                               "--train", str(root / "header_only.csv"), "--test", str(root / "test.csv")],
+        "empty_train": ["evaluate", *split, "--set", "split.method=temporal_global", "--set", "split.cutoff=2000-01-01"],
+        "empty_test": ["evaluate", *split, "--set", "split.method=temporal_global", "--set", "split.cutoff=2030-01-01"],
+        "train_file_no_rows": ["evaluate", *split, "--train", str(root / "header_only.csv"),
+                               "--test", str(root / "test.csv")],
         "read_only_warehouse": ["run", *common, "--warehouse", "/proc/movierec-warehouse"],
         "unknown_stage": ["run", *common, "--warehouse", str(root / "wh4"), "--stages", "ingest,nope"],
-        "resume_unknown_run": ["run", *common, "--warehouse", str(root / "wh1"), "--resume", "no-such-run"],
+        "resume_unknown_run": ["run", *common, "--warehouse", wh, "--resume", "no-such-run"],
     }
     p = subprocess.run([sys.executable, "-m", "tests.cli_runner", json.dumps(list(argvs.values()))],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -97,7 +97,7 @@ def test_secrets_given_as_config_reach_no_log_and_no_table(cases):
         seen += t.num_rows
         text = json.dumps(t.to_pylist(), default=str)
         assert SECRET not in text and ACCESS not in text, log_dir.parent.name
-    runs = DeltaTable(str(root / "wh-secret" / "runs")).to_pyarrow_table().to_pylist()
+    runs = [r for r in DeltaTable(str(root / "wh-secret" / "runs")).to_pyarrow_table().to_pylist() if r["run_id"] == "sec"]
     conf = json.loads(runs[0]["config"])["spark"]["conf"]
     assert conf["spark.hadoop.fs.s3a.secret.key"] == conf["spark.hadoop.fs.s3a.access.key"] == "*********(redacted)"
     assert seen > 0
