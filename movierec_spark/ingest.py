@@ -639,16 +639,18 @@ def check_same_source(spark: SparkSession, wh: str, source: Source, replace: boo
     if tables.table_exists(spark, tables.table_path(wh, "sources")):
         prev = (tables.read_table(spark, wh, "sources").where(F.col("mode") != "incremental")
                 .orderBy(F.col("ingested_at").desc()).first())
+    from .redact import redact_text
+
     if prev is None:
         log.warning("warehouse %s has ratings but no record of their source (written before ingest recorded "
-                    "sources): ingesting %s into it as the same dataset", wh, source.describe())
+                    "sources): ingesting %s into it as the same dataset", redact_text(wh), source.describe())
         return
     if prev["fingerprint"] != source.fingerprint:
         import json
 
         old = Source(prev["layout"], prev["source"] or "?", json.loads(prev["files"]), prev["fingerprint"])
         raise IngestError(
-            f"warehouse {wh} holds another dataset: {old.describe()}, ingested by run {prev['run_id']}; "
+            f"warehouse {redact_text(wh)} holds another dataset: {old.describe()}, ingested by run {prev['run_id']}; "
             f"this input is {source.describe()}. Pass --replace to replace it, --incremental to add this input's "
             "rows to it, or use another --warehouse")
 
