@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import subprocess
 import sys
 import time
@@ -48,19 +49,30 @@ def main() -> int:
     ap.add_argument("--input", default=str(SMALL))
     ap.add_argument("--work", default="/tmp/movierec-serve-bench")
     ap.add_argument("--set", action="append", default=[], help="config override for both runs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no runs: report the warehouse and wall times (wall.json) a previous call left in --work")
     args = ap.parse_args()
     work = Path(args.work)
     wh = work / "wh"
-    if wh.exists():
-        import shutil
+    walls = work / "wall.json"
+    if args.report_only:
+        wall = json.loads(walls.read_text())
+        recs_version = wall["recommendations_version"]
+    else:
+        if wh.exists():
+            import shutil
 
-        shutil.rmtree(wh)
-    work.mkdir(parents=True, exist_ok=True)
-    wall = {"serve": movierec("run", args.input, wh, "serve", args.set)}
-    recs_version = table(wh, "recommendations").version()
-    wall["evaluate"] = movierec("evaluate", args.input, wh, "evaluate", args.set)
+            shutil.rmtree(wh)
+        work.mkdir(parents=True, exist_ok=True)
+        wall = {"serve": movierec("run", args.input, wh, "serve", args.set)}
+        recs_version = wall["recommendations_version"] = table(wh, "recommendations").version()
+        walls.write_text(json.dumps(wall))
+        wall["evaluate"] = movierec("evaluate", args.input, wh, "evaluate", args.set)
+        walls.write_text(json.dumps(wall))
 
     runs = {r["run_id"]: r for r in table(wh, "runs").to_pyarrow_table().to_pylist()}
+    for r in runs.values():  # delta-rs reads a map column as (key, value) pairs
+        r["stage_seconds"] = dict(r["stage_seconds"] or [])
     recs = table(wh, "recommendations").to_pyarrow_table().to_pylist()
     rated = {(r["userId"], r["movieId"]) for r in
              table(wh, "ratings").to_pyarrow_table(columns=["userId", "movieId"]).to_pylist()}
@@ -76,7 +88,10 @@ def main() -> int:
                == (run, split, model, name, k)]
         return f"{got[0]:.4f}" if got else ""
 
-    stages = list(dict.fromkeys([*runs["serve"]["stage_seconds"], *runs["evaluate"]["stage_seconds"]]))
+    order = ["ingest", "split", "baselines", "als", "als_implicit", "content", "features", "hybrid", "recommend",
+             "evaluate"]
+    seen = [*runs["serve"]["stage_seconds"], *runs["evaluate"]["stage_seconds"]]
+    stages = sorted(dict.fromkeys(seen), key=lambda s: (order.index(s) if s in order else len(order), s))
     lines = [f"# Serve and evaluate runs on {Path(args.input).name}",
              "",
              f"{dt.date.today()}, `python benchmarks/serve_benchmark.py --input {args.input}"
@@ -89,6 +104,7 @@ def main() -> int:
     lines += [f"| sum of stages | {sum(runs['serve']['stage_seconds'].values()):.1f} | "
               f"{sum(runs['evaluate']['stage_seconds'].values()):.1f} |",
               f"| whole process (wall) | {wall['serve']:.1f} | {wall['evaluate']:.1f} |",
+              *([f"\nWall times: {wall['note']}."] if wall.get("note") else []),
               "",
               f"Served rows: {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "
               f"**{overlap} of them a movie the user rated**; {no_pred} without a predicted_rating.",

@@ -88,20 +88,21 @@ def read_lines(spark: SparkSession, spec: FileSpec, whole_file_max_bytes: int, s
             F.monotonically_increasing_id().alias("mid"),
             "value",
         )
-        # monotonically_increasing_id puts the partition index in the upper 31 bits; the rest
-        # is the row's position within its partition, and partitions of one file follow file order.
+        # A line's number is the lines in earlier partitions (partitions of one file follow file
+        # order) plus its position in its own partition. monotonically_increasing_id numbers the
+        # rows of a partition consecutively from that partition's first id, so the position is
+        # mid - min(mid): no bit layout assumed, one grouped pass, one row per partition on the driver.
         offsets = (
-            text.groupBy("pid").count()
+            text.groupBy("pid").agg(F.count(F.lit(1)).alias("count"), F.min("mid").alias("base"))
             .select(
-                "pid",
+                "pid", "base",
                 (F.sum("count").over(Window.orderBy("pid").rowsBetween(Window.unboundedPreceding, -1)))
                 .alias("offset"),
             )
             .fillna(0, ["offset"])
         )
         lines = text.join(F.broadcast(offsets), on="pid", how="inner").select(
-            (F.col("offset") + (F.col("mid") - F.shiftleft(F.col("pid").cast("long"), 33)) + 1)
-            .cast("long").alias("line"),
+            (F.col("offset") + (F.col("mid") - F.col("base")) + 1).cast("long").alias("line"),
             F.col("value").alias("raw"),
         )
     # CRLF files and a UTF-8 BOM are common after a round trip through a spreadsheet.

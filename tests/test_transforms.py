@@ -8,6 +8,7 @@ import math
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
+from pyspark.sql import functions as F
 
 from movierec_spark import baselines, features, ranker, recommend, splits
 from movierec_spark.evaluation import cooccurrence_similarity
@@ -236,3 +237,80 @@ def test_the_fold_plan_gives_each_fold_its_rows_and_the_test_rows_a_whole_train_
     _, info = features.plan_passes(train, test, None, h.model_copy(update={"test_features": "fold"}), 7, 6,
                                    whole_fit=True)
     assert info["test_features"] == "full"
+
+
+# ----------------------------------------------------------------------------- ranker
+
+@pytest.fixture(scope="module")
+def sims(spark):
+    # Content neighbours: 10 -> 40 (0.9); 30 -> 40 (0.5), 30 -> 10 (0.4).
+    return spark.createDataFrame([(10, 40, 1, 0.9), (30, 40, 1, 0.5), (30, 10, 2, 0.4)],
+                                 "movieId int, similar_movieId int, rank int, similarity double")
+
+
+LISTS = "userId int, movieId int, model string, rank int, score double"
+
+
+def test_candidate_lists_union_each_models_unseen_top_n(spark, ratings, empty, sims):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(content=SimpleNamespace(user_sources=30, user_neighbours=20))
+    train = ratings.select("userId", "movieId", "rating")
+    got, implicit, cached = ranker.candidate_lists(train, sims, ["content", "popularity"], cfg, 2, 0)
+    assert implicit is None and cached == []
+    # Content: user 1 (mean 4) liked 10 (weight 1) and 30 (weight 2): 40 scores 0.9 + 2 x 0.5;
+    # 10 is rated. User 2 liked only 20, which has no neighbours. User 3 liked 10: 40 at 0.9.
+    # Popularity (by raters, 10, 20, 30), unseen: user 2 gets 30, user 3 gets 20 then 30.
+    want = spark.createDataFrame([(1, 40, "content", 1, 1.9), (3, 40, "content", 1, 0.9),
+                                  (2, 30, "popularity", 1, 1.0), (3, 20, "popularity", 1, 2.0),
+                                  (3, 30, "popularity", 2, 1.0)], LISTS)
+    assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    # Lists for some users only; the models still learn from all of train.
+    only3, _, _ = ranker.candidate_lists(train, sims, ["content", "popularity"], cfg, 2, 0,
+                                         users=spark.createDataFrame([(3,)], "userId int"))
+    assert_approx_df_equality(only3, want.where("userId = 3"), 1e-12, ignore_row_order=True, ignore_nullable=True)
+    none, _, _ = ranker.candidate_lists(empty.select("userId", "movieId", "rating"), sims,
+                                        ["content", "popularity"], cfg, 2, 0)
+    assert none.isEmpty()
+
+
+def test_ranker_features_pivot_each_models_rank_and_score_and_add_history(spark, ratings, empty):
+    train = ratings.select("userId", "movieId", "rating")
+    lists = spark.createDataFrame([(1, 30, "popularity", 1, 1.0), (1, 30, "content", 2, 0.5),
+                                   (1, 40, "content", 1, 0.8), (5, 10, "popularity", 1, 3.0)], LISTS)
+    item_nb = spark.createDataFrame([(30, 10, 0.5), (30, 20, 0.25)], "movieId int, nb int, sim double")
+    got, names = ranker.ranker_features(lists, train, ["content", "popularity"], 3, item_nb=item_nb)
+    assert names == ["content_rank", "content_score", "popularity_rank", "popularity_score", "n_lists",
+                     "u_n", "u_avg", "m_n", "m_avg", "m_log_n", "knn", "knn_n", "knn_u"]
+    g = 23 / 6  # the train mean: for a user or movie with no train ratings
+    # A model that did not list a movie ranks it n + 1 with score 0. User 1 rated 10 and 20,
+    # the neighbours of 30 (0.5 + 0.25), none of 40's; user 5 has no train ratings.
+    want = spark.createDataFrame([
+        (1, 30, 2.0, 0.5, 1.0, 1.0, 2.0, 3.0, 4.0, 1.0, 5.0, math.log(2), 0.75, 2.0, 0.75 / math.sqrt(3)),
+        (1, 40, 1.0, 0.8, 4.0, 0.0, 1.0, 3.0, 4.0, 0.0, g, 0.0, 0.0, 0.0, 0.0),
+        (5, 10, 4.0, 0.0, 1.0, 3.0, 1.0, 0.0, g, 3.0, 11 / 3, math.log(4), 0.0, 0.0, 0.0),
+    ], "userId int, movieId int, " + ", ".join(f"{n} double" for n in names))
+    assert_approx_df_equality(got.select("userId", "movieId", *names), want, 1e-12,
+                              ignore_row_order=True, ignore_nullable=True)
+    none, _ = ranker.ranker_features(lists.limit(0), train, ["content", "popularity"], 3, item_nb=item_nb)
+    assert none.isEmpty()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_user_lists_hold_each_evaluated_users_list_in_rank_order_and_relevant_movies(spark, ratings):
+    from movierec_spark.evaluation import _ranked, _user_lists
+
+    # Ranks with a tie (movie id breaks it) and a gap; user 9 has no test ratings.
+    recs = spark.createDataFrame([(1, 30, 5), (1, 20, 2), (1, 40, 2), (2, 50, 1), (9, 10, 1)],
+                                 "userId int, movieId int, rank int")
+    ranked = _ranked(recs, 2)
+    eq(ranked, spark.createDataFrame([(1, 20, 1), (1, 40, 2), (2, 50, 1), (9, 10, 1)], "userId int, movieId int, pos int"))
+    test = ratings.select("userId", "movieId", "rating")
+    # Relevant at 4 and above: user 1 -> 10, 30; user 2 -> 20; user 3 -> 10 (no list: empty pred).
+    want = spark.createDataFrame([(1, [20.0, 40.0], [10.0, 30.0]), (2, [50.0], [20.0]), (3, [], [10.0])],
+                                 "userId int, pred array<double>, labels array<double>")
+    got = _user_lists(ranked, test, 2, 4.0).withColumn("labels", F.array_sort("labels"))
+    eq(got, want)
+    assert _user_lists(ranked, test.limit(0), 2, None).isEmpty()
+    assert _user_lists(ranked.limit(0), test, 2, None).where(F.size("pred") > 0).isEmpty()
