@@ -1,8 +1,10 @@
 """Offline evaluation: rating accuracy, top-k ranking quality, coverage, novelty, diversity.
 
 Everything runs as DataFrame jobs; only the final scalar metrics reach the driver. MLlib's
-RegressionEvaluator and RankingEvaluator compute what they define; hit rate, MRR@k, MAPE and the
-beyond-accuracy metrics are written by hand with DataFrame aggregations (no Python UDFs).
+RegressionEvaluator computes RMSE, MAE and R²; the ranking metrics follow MLlib RankingMetrics'
+definitions, written as array expressions in one aggregation (a test holds them to
+RankingEvaluator's values); hit rate, MRR@k, MAPE and the beyond-accuracy metrics are DataFrame
+aggregations too (no Python UDFs).
 
 Conventions shared by every function taking `recs` (userId, movieId, rank):
 - rank is 1-based, lower is better. A user's list is ordered by (rank, movieId), and "top k" is
@@ -21,7 +23,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 
-from pyspark.ml.evaluation import RankingEvaluator, RegressionEvaluator
+from pyspark.ml.evaluation import RegressionEvaluator
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -41,8 +43,8 @@ METRICS_SCHEMA = T.StructType([
 ])
 
 RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "mrr")
-# Our metric name -> RankingEvaluator metricName.
-_MLLIB_RANKING = {
+# Our metric name -> MLlib RankingEvaluator's metricName, whose definition it follows.
+MLLIB_RANKING = {
     "precision": "precisionAtK",
     "recall": "recallAtK",
     "ndcg": "ndcgAtK",
@@ -151,7 +153,8 @@ def ranking_metrics(recs: DataFrame, test: DataFrame, ks: Sequence[int] = (1, 5,
     L_u is u's top-k list (first k by rank; may be shorter than k); hits = |L_u ∩ R_u|.
     Users in recs but not in test (or with no relevant item) are ignored.
 
-    MLlib RankingEvaluator (mllib RankingMetrics), exactly:
+    MLlib RankingEvaluator's definitions (mllib RankingMetrics), exactly, computed here in one
+    aggregation (tests hold them to RankingEvaluator's values):
     - precision@k = hits / k  (divides by k even if the list is shorter than k)
     - recall@k    = hits / |R_u|  (not min(|R_u|, k): a user with more than k relevant items
       cannot reach 1)
@@ -175,38 +178,47 @@ def ranking_metrics(recs: DataFrame, test: DataFrame, ks: Sequence[int] = (1, 5,
 def _ranking_metrics(ranked: DataFrame, test: DataFrame, ks: list[int],
                      relevance_threshold: float | None) -> list[MetricRow]:
     max_k = max(ks)
-    # Cached: the hand-written aggregate and 4 evaluator jobs per k read it.
-    lists = _user_lists(ranked, test, max_k, relevance_threshold).persist()
-    try:
-        # Position of the first relevant item in the list (null if none): one column answers
-        # hit_rate@k and mrr@k for every k. Higher-order functions stay in the JVM.
-        first = F.array_min(F.transform(
-            "pred", lambda x, i: F.when(F.array_contains(F.col("labels"), x), i + 1)))
-        aggs = [F.count(F.lit(1)).alias("n_users")]
-        for k in ks:
-            hit = F.col("first") <= k
-            aggs += [F.avg(F.when(hit, 1.0).otherwise(0.0)).alias(f"hit_rate_{k}"),
-                     F.avg(F.when(hit, 1.0 / F.col("first")).otherwise(0.0)).alias(f"mrr_{k}")]
-        hand = lists.select(first.alias("first")).agg(*aggs).first()
-        if hand["n_users"] == 0:
-            # MLlib would return NaN (a mean over no users): say why instead.
-            thr = "" if relevance_threshold is None else f" with rating >= {relevance_threshold}"
-            raise ValueError(f"ranking_metrics: no user has a test item{thr}; nothing to evaluate")
-        log.info("ranking metrics over %s users, k in %s", f"{hand['n_users']:,}", ks)
+    lists = _user_lists(ranked, test, max_k, relevance_threshold)
+    # MLlib RankingMetrics' definitions, written as array expressions so that every metric at
+    # every k is one aggregation over the users (MLlib's evaluator is a job per metric and k:
+    # 16 per model). rel[i] = 1 when the (i+1)-th listed movie is relevant.
+    rel = F.transform("pred", lambda x: F.when(F.array_contains(F.col("labels"), x), 1).otherwise(0))
+    n_rel = F.size("labels").cast("double")
 
-        out: list[MetricRow] = []
-        for k in ks:
-            for name in RANKING_METRICS:
-                if name in _MLLIB_RANKING:
-                    ev = RankingEvaluator(predictionCol="pred", labelCol="labels",
-                                          metricName=_MLLIB_RANKING[name], k=k)
-                    value = ev.evaluate(lists)
-                else:
-                    value = hand[f"{name}_{k}"]
-                out.append((name, k, float(value)))
-        return out
-    finally:
-        lists.unpersist()
+    def top(k, arr):
+        return F.slice(arr, 1, k)
+
+    def total(arr, zero):
+        return F.aggregate(arr, F.lit(zero), lambda acc, x: acc + x)
+
+    gain = F.transform("rel", lambda x, i: x / F.log(i + 2.0))
+    # Hits within the first i+1 positions, at each relevant position: map's precisions.
+    prec = F.transform("rel", lambda x, i: x * total(F.slice(F.col("rel"), 1, i + 1), 0) / (i + 1.0))
+    # Position of the first relevant item in the list (null if none): hit_rate and mrr.
+    first = F.array_min(F.transform("rel", lambda x, i: F.when(x == 1, i + 1)))
+    per_user = lists.select(rel.alias("rel"), "labels").select(
+        "rel", n_rel.alias("n_rel"), gain.alias("gain"), prec.alias("prec"), first.alias("first"))
+    aggs = [F.count(F.lit(1)).alias("n_users")]
+    for k in ks:
+        hits = total(top(k, F.col("rel")), 0)
+        ideal = F.least(F.col("n_rel"), F.lit(float(k)))
+        idcg = F.aggregate(F.sequence(F.lit(0), ideal.cast("int") - 1), F.lit(0.0),
+                           lambda acc, i: acc + 1.0 / F.log(i + 2.0))
+        hit = F.col("first") <= k
+        aggs += [F.avg(hits / float(k)).alias(f"precision_{k}"),
+                 F.avg(hits / F.col("n_rel")).alias(f"recall_{k}"),
+                 F.avg(total(top(k, F.col("gain")), 0.0) / idcg).alias(f"ndcg_{k}"),
+                 F.avg(total(top(k, F.col("prec")), 0.0) / ideal).alias(f"map_{k}"),
+                 F.avg(F.when(hit, 1.0).otherwise(0.0)).alias(f"hit_rate_{k}"),
+                 F.avg(F.when(hit, 1.0 / F.col("first")).otherwise(0.0)).alias(f"mrr_{k}")]
+    hand = per_user.agg(*aggs).first()
+    if hand["n_users"] == 0:
+        # MLlib would return NaN (a mean over no users): say why instead.
+        thr = "" if relevance_threshold is None else f" with rating >= {relevance_threshold}"
+        raise ValueError(f"ranking_metrics: no user has a test item{thr}; nothing to evaluate")
+    log.info("ranking metrics over %s users, k in %s", f"{hand['n_users']:,}", ks)
+    out: list[MetricRow] = [(name, k, float(hand[f"{name}_{k}"])) for k in ks for name in RANKING_METRICS]
+    return out
 
 
 # ----------------------------------------------------------------------------- beyond accuracy

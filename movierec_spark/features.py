@@ -113,6 +113,74 @@ def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int
             .select(F.col("e").alias(entity), "nb", "sim", "rank"))
 
 
+def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | None], neighbours: int,
+                    min_common: int, cap: int | None, seed: int) -> DataFrame:
+    """cosine_neighbours for several out-of-fold passes from one self-join: p, entity, nb, sim, rank.
+
+    ratings: userId, movieId, rating, fold. Pass p (an index into `outs`) uses the ratings
+    outside fold outs[p] (None: all of them), each centred by `entity`'s mean over those same
+    ratings, as cosine_neighbours would on that pass's ratings. The centred dot product of a pair
+    expands into sums over its co-ratings, sum(ra rb) - mu_b sum(ra) - mu_a sum(rb) + n mu_a mu_b,
+    and norms into sum(r^2) - sum(r)^2 / n, so one self-join gathers the sums of every pass at
+    once (a co-rating counts for a pass when neither of its two ratings is in the left-out fold)
+    instead of one self-join per pass. The cap samples each `via` value's rows once for all passes.
+    """
+    r = ratings.select(entity, via, F.col("rating").cast("double").alias("r"), "fold")
+
+    def keep(out, *folds):
+        """A rating (or co-rating) counts for the pass leaving out fold `out` when none of its
+        ratings is in that fold."""
+        cond = F.lit(True)
+        if out is not None:
+            for f in folds:
+                cond = cond & (F.col(f) != out)
+        return cond
+
+    # Per entity and pass: count, mean and centred norm over the pass's ratings (all of them, uncapped).
+    stats = r.groupBy(entity).agg(*[
+        agg for i, out in enumerate(outs) for agg in (
+            F.sum(F.when(keep(out, "fold"), 1).otherwise(0)).alias(f"n{i}"),
+            F.sum(F.when(keep(out, "fold"), F.col("r")).otherwise(0.0)).alias(f"s{i}"),
+            F.sum(F.when(keep(out, "fold"), F.col("r") * F.col("r")).otherwise(0.0)).alias(f"q{i}"))])
+    per_pass = F.explode(F.array(*[F.struct(F.lit(i).alias("p"), F.col(f"n{i}").alias("n"), F.col(f"s{i}").alias("s"),
+                                            F.col(f"q{i}").alias("q")) for i in range(len(outs))]))
+    means = (stats.select(entity, per_pass.alias("x")).where(F.col("x.n") > 0)
+             .select(entity, "x.p", (F.col("x.s") / F.col("x.n")).alias("mu"),
+                     F.sqrt(F.greatest(F.col("x.q") - F.col("x.s") * F.col("x.s") / F.col("x.n"), F.lit(0.0))).alias("norm")))
+    pruned = _capped(r, via, cap, seed)
+    a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"))
+    b = pruned.select(F.col(entity).alias("nb"), via, F.col("r").alias("rb"), F.col("fold").alias("fb"))
+    sums = []
+    for i, out in enumerate(outs):
+        k = keep(out, "fa", "fb")
+        sums += [F.sum(F.when(k, 1).otherwise(0)).alias(f"c{i}"),
+                 F.sum(F.when(k, F.col("ra") * F.col("rb")).otherwise(0.0)).alias(f"ab{i}"),
+                 F.sum(F.when(k, F.col("ra")).otherwise(0.0)).alias(f"a{i}"),
+                 F.sum(F.when(k, F.col("rb")).otherwise(0.0)).alias(f"b{i}")]
+    # Each unordered pair once (e < nb), mirrored after scoring, as in cosine_neighbours.
+    pair_sums = a.join(b, via).where(F.col("e") < F.col("nb")).groupBy("e", "nb").agg(*sums)
+    per_pair = F.explode(F.array(*[F.struct(F.lit(i).alias("p"), F.col(f"c{i}").alias("c"), F.col(f"ab{i}").alias("ab"),
+                                            F.col(f"a{i}").alias("a"), F.col(f"b{i}").alias("b"))
+                                   for i in range(len(outs))]))
+    need = max(1, min_common)
+    pairs = (pair_sums.select("e", "nb", per_pair.alias("x")).where(F.col("x.c") >= need)
+             .select("e", "nb", "x.*"))
+    ma = means.select(F.col(entity).alias("e"), "p", F.col("mu").alias("mua"), F.col("norm").alias("na"))
+    mb = means.select(F.col(entity).alias("nb"), "p", F.col("mu").alias("mub"), F.col("norm").alias("nn"))
+    dot = (F.col("ab") - F.col("mub") * F.col("a") - F.col("mua") * F.col("b")
+           + F.col("c") * F.col("mua") * F.col("mub"))
+    half = (pairs.join(ma, ["e", "p"]).join(mb, ["nb", "p"])
+            .where((F.col("na") > 0) & (F.col("nn") > 0))
+            .select("p", "e", "nb", (dot / (F.col("na") * F.col("nn"))).alias("sim"))
+            .where(F.col("sim") > 0))
+    both = F.explode(F.array(F.struct(F.col("e").alias("e"), F.col("nb").alias("nb")),
+                             F.struct(F.col("nb").alias("e"), F.col("e").alias("nb"))))
+    sims = half.select("p", both.alias("x"), "sim").select("p", "x.e", "x.nb", "sim")
+    w = Window.partitionBy("p", "e").orderBy(F.col("sim").desc(), F.col("nb"))
+    return (sims.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= neighbours)
+            .select("p", F.col("e").alias(entity), "nb", "sim", "rank"))
+
+
 def _top_ratings(joined: DataFrame, prefix: str, n_col: str) -> DataFrame:
     """joined: userId, movieId, sim, r -> userId, movieId, prefix1..5 (most similar first), n_col."""
     top = F.slice(F.sort_array(F.collect_list(F.struct((-F.col("sim")).alias("k"), F.col("r"))), True), 1, NB)
@@ -123,8 +191,14 @@ def _top_ratings(joined: DataFrame, prefix: str, n_col: str) -> DataFrame:
 
 def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: DataFrame | None,
                   base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
-                  seed: int, lo: float = 0.5, hi: float = 5.0) -> DataFrame:
-    """Features of `pairs` (userId, movieId[, rating]) from the ratings in `fit` only."""
+                  seed: int, lo: float = 0.5, hi: float = 5.0, user_nb: DataFrame | None = None,
+                  movie_nb: DataFrame | None = None, als_model=None) -> DataFrame:
+    """Features of `pairs` (userId, movieId[, rating]) from the ratings in `fit` only.
+
+    `user_nb` / `movie_nb` (userId or movieId, nb, sim, rank): the neighbour lists of `fit`
+    when the caller computed them already (fold_neighbours, for every pass at once);
+    `als_model`: the residual ALS model of `fit` when one was fitted already (the als stage's,
+    for the whole-train pass)."""
     from .als import fit_explicit, predict_explicit
     from .baselines import fit_bias
 
@@ -140,21 +214,23 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     # (adjusted per item, so a generous rater does not make every movie look alike).
     cu = fit.join(ustats.select("userId", "UAvg"), "userId").select(
         "userId", "movieId", "rating", (F.col("rating") - F.col("UAvg")).alias("c"))
-    unb = cosine_neighbours(cu, "userId", "movieId", cfg.neighbours, cfg.min_common, cfg.cap_per_movie, seed)
+    unb = user_nb if user_nb is not None else cosine_neighbours(
+        cu, "userId", "movieId", cfg.neighbours, cfg.min_common, cfg.cap_per_movie, seed)
     sur = _top_ratings(
         keys.join(unb, "userId").join(fit.select(F.col("userId").alias("nb"), "movieId", F.col("rating").alias("r")),
                                       ["nb", "movieId"]),
         "sur", "n_sur")
     cm = fit.join(mstats.select("movieId", "MAvg"), "movieId").select(
         "userId", "movieId", (F.col("rating") - F.col("MAvg")).alias("c"))
-    mnb = cosine_neighbours(cm, "movieId", "userId", cfg.neighbours, cfg.min_common, cfg.cap_per_user, seed)
+    mnb = movie_nb if movie_nb is not None else cosine_neighbours(
+        cm, "movieId", "userId", cfg.neighbours, cfg.min_common, cfg.cap_per_user, seed)
     smr = _top_ratings(
         keys.join(mnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r")),
                                        ["userId", "nb"]),
         "smr", "n_smr")
 
     bias = fit_bias(fit, base_cfg, lo, hi)
-    model = fit_explicit(fit, bias, als_cfg, seed)
+    model = als_model if als_model is not None else fit_explicit(fit, bias, als_cfg, seed)
     als = predict_explicit(model, bias, keys, True, lo, hi).select("userId", "movieId", F.col("prediction").alias("als"))
     feats = (bias.predict(keys).withColumnRenamed("baseline", "baseline")
              .join(als, ["userId", "movieId"], "left").join(ustats, "userId", "left").join(mstats, "movieId", "left")
@@ -228,6 +304,13 @@ class FeaturePass:
     fit: DataFrame
     keys: DataFrame
     labels: list
+    # The train fold `fit` leaves out (None: the whole train part).
+    fold_out: int | None = None
+
+
+def with_folds(train: DataFrame, seed: int, folds: int) -> DataFrame:
+    """train with `fold`: its hash fold, the same for a rating on every rerun."""
+    return train.withColumn("fold", F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(folds)).cast("int"))
 
 
 def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: HybridConfig, seed: int,
@@ -241,8 +324,7 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
     picks it when one out-of-fold pass is computed on a sample. `whole_fit` (a serve run) forces
     a pass from the whole train part: served pairs are featurised from every rating, never a fold.
     """
-    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds)).cast("int")
-    folded = train.withColumn("fold", fold)
+    folded = with_folds(train, seed, h.folds)
     n_oof, frac = oof_plan(n_train, h)
     keep = F.lit(True) if frac >= 1.0 else gbt_sample(seed, frac)
     if frac < 1.0:
@@ -268,7 +350,7 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
         labels = [("train", rows, f)] + ([(n, pairs.where(F.col("split") == n), -1) for n in names] if shared else [])
         what = f"fold {f + 1}/{n_oof} (train rows of this fold{' and the test rows' if shared else ''}, " \
                f"from the other {h.folds - 1} folds)"
-        passes.append(FeaturePass(what, folded.where(F.col("fold") != f), keys, labels))
+        passes.append(FeaturePass(what, folded.where(F.col("fold") != f), keys, labels, f))
     if test_mode == "full":
         passes.append(FeaturePass(f"test rows{' and candidates' if cands is not None else ''}, from the whole train part",
                                   train, pairs.select("userId", "movieId").distinct(),
@@ -276,23 +358,48 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
     return passes, {"oof_folds": n_oof, "oof_fraction": round(frac, 4), "test_features": test_mode}
 
 
-def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1) -> list[DataFrame]:
+def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
+                   folded: DataFrame | None = None, whole_als=None) -> list[DataFrame]:
     """pair_features of every pass (each result cached and counted: unpersist them once
-    written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config)."""
-    def run_pass(p: FeaturePass) -> DataFrame:
+    written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
+
+    `folded` (train with `fold`, see with_folds): the passes' user and movie neighbour lists
+    come from one self-join each over it (fold_neighbours) instead of two per pass.
+    `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it.
+    """
+    nbs: list = []
+    if folded is not None:
+        h, seed = args[5], args[6]
+        outs = [p.fold_out for p in passes]
+        log.info("features: neighbour lists of %d passes from one self-join each", len(outs))
+        nbs = [fold_neighbours(folded, "userId", "movieId", outs, h.neighbours, h.min_common, h.cap_per_movie,
+                               seed).cache(),
+               fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
+                               seed).cache()]
+
+    def run_pass(i: int) -> DataFrame:
+        p = passes[i]
         log.info("features: %s", p.what)
-        return pair_features(p.fit, p.keys, *args)
+        own = {"als_model": whole_als} if p.fold_out is None and whole_als is not None else {}
+        if nbs:
+            own = {"user_nb": nbs[0].where(F.col("p") == i).drop("p"),
+                   "movie_nb": nbs[1].where(F.col("p") == i).drop("p")}
+        return pair_features(p.fit, p.keys, *args, **own)
 
-    if threads <= 1:
-        return [run_pass(p) for p in passes]
-    from concurrent.futures import ThreadPoolExecutor
+    try:
+        if threads <= 1:
+            return [run_pass(i) for i in range(len(passes))]
+        from concurrent.futures import ThreadPoolExecutor
 
-    from pyspark import inheritable_thread_target
+        from pyspark import inheritable_thread_target
 
-    # inheritable_thread_target: the pass's jobs keep the stage's job group (the scale harness
-    # and the kill test attribute jobs by it).
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
-        return list(pool.map(inheritable_thread_target(spark)(run_pass), passes))
+        # inheritable_thread_target: the pass's jobs keep the stage's job group (the scale harness
+        # and the kill test attribute jobs by it).
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
+            return list(pool.map(inheritable_thread_target(spark)(run_pass), range(len(passes))))
+    finally:
+        for df in nbs:  # every pass's result is cached and counted by now
+            df.unpersist()
 
 
 def labelled_rows(passes: list[FeaturePass], results: list[DataFrame]) -> DataFrame:

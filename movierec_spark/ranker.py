@@ -217,6 +217,9 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     lists = lists.cache()
     nb = cached_item_neighbours(rest, h, seed)
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
+    # Cached: the fit reads it, and the validation users' lists and held-out movies read it
+    # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage).
+    feats = feats.cache()
     labelled = (feats.join(held.select("userId", "movieId", F.lit(1.0).alias("label")), ["userId", "movieId"], "left")
                 .fillna({"label": 0.0}))
     val_share = h.ranker_validation_users
@@ -232,7 +235,7 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
         vheld = held.join(vfeats.select("userId").distinct(), "userId", "left_semi")
         validation = evaluate_ranking_model(vlists, vheld, rest, n_items, ks=tuple(cfg.evaluation.ks),
                                             relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
-    for df in (rest, lists, nb, *inner):
+    for df in (feats, rest, lists, nb, *inner):
         if df is not None:
             df.unpersist()
     return model, validation

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -139,6 +140,11 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
                 "spark.jars.ivy": os.path.expanduser(cfg.spark.ivy_dir),
             }
         )
+        if not os.environ.get("PYSPARK_PYTHON"):
+            # Python workers (mapInArrow) run this interpreter, whose environment has pyarrow and
+            # numpy, not whatever `python3` is first on PATH. PySpark reads the variable (not
+            # spark.pyspark.python) when it creates the context.
+            os.environ["PYSPARK_PYTHON"] = sys.executable
         jars = cached_delta_jars(cfg)
         if jars:
             settings["spark.jars"] = ",".join(jars)

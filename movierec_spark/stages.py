@@ -104,6 +104,9 @@ def als_stage(ctx: RunContext) -> dict:
     t0 = time.perf_counter()
     bias = bias_model(ctx, train) if cfg.als.residual else None
     model = fit_explicit(train, bias, cfg.als, cfg.pipeline.seed)
+    # The features stage's whole-train pass fits this same model (same ratings, bias, settings
+    # and seed): it takes this one instead.
+    ctx.shared["als_model"] = model
     out = {"fit_s": round(time.perf_counter() - t0, 2)}
 
     def predictions() -> None:
@@ -199,7 +202,7 @@ def content_stage(ctx: RunContext) -> dict:
 def features_stage(ctx: RunContext) -> dict:
     """Hybrid features: train rows out-of-fold, test rows (and a serve run's candidates) from the
     whole train part."""
-    from .features import compute_passes, labelled_rows, plan_passes
+    from .features import compute_passes, labelled_rows, plan_passes, with_folds
 
     cfg, spark = ctx.cfg, ctx.spark
     h = cfg.hybrid
@@ -214,7 +217,9 @@ def features_stage(ctx: RunContext) -> dict:
     passes, out = plan_passes(train, test, cands, h, cfg.pipeline.seed, train.count(), whole_fit=ctx.serving)
     args = (tables.read_table(spark, ctx.warehouse, "movies"), sims, cfg.baseline, cfg.als, cfg.content, h,
             cfg.pipeline.seed, *rating_scale(ctx))
-    results = compute_passes(spark, passes, args, h.feature_threads)
+    folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
+    results = compute_passes(spark, passes, args, h.feature_threads, folded,
+                             whole_als=ctx.shared.get("als_model") if cfg.als.residual else None)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     for df in results:
         df.unpersist()

@@ -200,6 +200,19 @@ def test_ranking_metrics_match_reference(spark, threshold):
     want = reference_ranking(recs, test, ks, threshold)
     assert set(got) == set(want)
     assert_metrics(got, want)
+    # The same lists through MLlib's own RankingEvaluator, whose definitions the one-pass
+    # aggregation follows.
+    from pyspark.ml.evaluation import RankingEvaluator
+
+    from movierec_spark.evaluation import MLLIB_RANKING, _ranked, _user_lists
+
+    lists = _user_lists(_ranked(spark.createDataFrame(recs, RECS_DDL), max(ks)),
+                        spark.createDataFrame(test, TEST_DDL), max(ks), threshold).cache()
+    for (name, k), value in got.items():
+        if name in MLLIB_RANKING:
+            ev = RankingEvaluator(predictionCol="pred", labelCol="labels", metricName=MLLIB_RANKING[name], k=k)
+            assert value == pytest.approx(ev.evaluate(lists), abs=1e-12), (name, k)
+    lists.unpersist()
 
 
 # --------------------------------------------------------------------------- beyond accuracy

@@ -146,6 +146,27 @@ def test_cosine_neighbours_of_hand_computed_vectors(spark):
     assert features.cosine_neighbours(centred.limit(0), "userId", "movieId", 5, 1, None, 0).isEmpty()
 
 
+def test_fold_neighbours_give_each_pass_the_lists_of_its_own_ratings(spark):
+    # Users 1-4 over movies 10-40, each rating in fold 0 or 1. Pass 0 leaves out fold 0, pass 1
+    # leaves out fold 1, pass 2 uses every rating: each must equal cosine_neighbours over that
+    # pass's ratings centred by that pass's user means.
+    rows = [(1, 10, 5.0, 0), (1, 20, 3.0, 0), (1, 30, 4.0, 1), (2, 10, 4.0, 0), (2, 20, 2.0, 0),
+            (2, 30, 5.0, 1), (2, 40, 1.0, 0), (3, 10, 1.0, 1), (3, 20, 4.0, 1), (3, 40, 5.0, 1),
+            (4, 20, 3.0, 0), (4, 30, 1.0, 1), (4, 40, 4.0, 1)]
+    r = spark.createDataFrame(rows, "userId int, movieId int, rating double, fold int")
+    outs = [0, 1, None]
+    got = features.fold_neighbours(r, "userId", "movieId", outs, 3, 1, None, 0)
+    for i, out in enumerate(outs):
+        fit = r if out is None else r.where(F.col("fold") != out)
+        mu = fit.groupBy("userId").agg(F.avg("rating").alias("mu"))
+        centred = fit.join(mu, "userId").select("userId", "movieId", (F.col("rating") - F.col("mu")).alias("c"))
+        want = features.cosine_neighbours(centred, "userId", "movieId", 3, 1, None, 0)
+        assert_approx_df_equality(got.where(F.col("p") == i).drop("p"), want, 1e-12,
+                                  ignore_row_order=True, ignore_nullable=True)
+    assert {r.p for r in got.select("p").distinct().collect()} == {0, 1, 2}  # no pass is trivially empty
+    assert features.fold_neighbours(r.limit(0), "userId", "movieId", outs, 3, 1, None, 0).isEmpty()
+
+
 def test_item_neighbours_count_co_raters_over_the_norms(spark, ratings, empty):
     # Binary vectors over users: 10 = {1, 2, 3}, 20 = {1, 2}, 30 = {1}.
     # cos(10, 20) = 2 / sqrt(3 * 2), cos(10, 30) = 1 / sqrt(3), cos(20, 30) = 1 / sqrt(2).
