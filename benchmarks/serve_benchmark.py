@@ -92,10 +92,15 @@ def main() -> int:
              "evaluate"]
     seen = [*runs["serve"]["stage_seconds"], *runs["evaluate"]["stage_seconds"]]
     stages = sorted(dict.fromkeys(seen), key=lambda s: (order.index(s) if s in order else len(order), s))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
     lines = [f"# Serve and evaluate runs on {Path(args.input).name}",
              "",
              f"{dt.date.today()}, `python benchmarks/serve_benchmark.py --input {args.input}"
-             + "".join(f" --set {s}" for s in args.set) + "`, one process per run, one at a time.",
+             + "".join(f" --set {s}" for s in args.set) + "`, one process per run, one at a time, at commit "
+             + commit + (" with uncommitted changes" if dirty else "") + ".",
              "",
              "| stage | serve run (s) | evaluate run (s) |", "|---|---|---|"]
     for s in stages:
