@@ -219,7 +219,8 @@ class HybridConfig(Section):
     # The passes' user-user and movie-movie neighbour lists from one co-rating self-join each,
     # summing every pass's co-ratings at once (features.fold_neighbours), instead of two
     # self-joins per pass: ml-latest-small's six passes 25 s instead of about 120 s. The caps
-    # then sample each movie's (user's) ratings once for all passes. false: per pass.
+    # then sample each movie's (user's) ratings once for all passes. A one-pass plan (25M
+    # ratings) keeps its own self-joins. false: per pass.
     shared_neighbours: bool = True
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).

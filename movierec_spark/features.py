@@ -363,12 +363,15 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     """pair_features of every pass (each result cached and counted: unpersist them once
     written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
 
-    `folded` (train with `fold`, see with_folds): the passes' user and movie neighbour lists
-    come from one self-join each over it (fold_neighbours) instead of two per pass.
+    `folded` (train with `fold`, see with_folds): with two passes or more, the passes' user and
+    movie neighbour lists come from one self-join each over it (fold_neighbours) instead of two
+    per pass.
     `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it.
     """
     nbs: list = []
-    if folded is not None:
+    # One self-join over all of train instead of one over each pass's share of it: a win from
+    # two passes on (a single pass, as on 25M ratings, would join more rows than it needs).
+    if folded is not None and len(passes) > 1:
         h, seed = args[5], args[6]
         outs = [p.fold_out for p in passes]
         log.info("features: neighbour lists of %d passes from one self-join each", len(outs))
