@@ -385,8 +385,8 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         log.info("features: %s", p.what)
         own = {"als_model": whole_als} if p.fold_out is None and whole_als is not None else {}
         if nbs:
-            own = {"user_nb": nbs[0].where(F.col("p") == i).drop("p"),
-                   "movie_nb": nbs[1].where(F.col("p") == i).drop("p")}
+            own.update(user_nb=nbs[0].where(F.col("p") == i).drop("p"),
+                       movie_nb=nbs[1].where(F.col("p") == i).drop("p"))
         return pair_features(p.fit, p.keys, *args, **own)
 
     try:

@@ -61,3 +61,36 @@ def test_oof_plan_computes_only_the_rows_the_gbt_trains_on(n_train, oof_folds, e
 
 def test_oof_plan_without_a_row_cap_uses_every_fold():
     assert oof_plan(50_000_000, HybridConfig(max_train_rows=None)) == (5, 1.0)
+
+
+def test_the_whole_train_pass_uses_the_given_als_model_with_shared_neighbours(spark):
+    """compute_passes hands the als stage's model to the whole-train pass (and only to it), also
+    when every pass's neighbour lists come from the shared self-join."""
+    from pyspark.sql import functions as F
+
+    from movierec_spark.als import fit_explicit, predict_explicit
+    from movierec_spark.baselines import fit_bias
+    from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig
+    from movierec_spark.features import compute_passes, plan_passes, with_folds
+
+    rng = np.random.default_rng(5)
+    rows = [(int(u), int(m), float(rng.integers(1, 6))) for u in range(30) for m in range(20) if rng.random() < 0.5]
+    train = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    test = spark.createDataFrame([(0, 1, 3.0), (1, 2, 4.0), (2, 3, 5.0)], "userId int, movieId int, rating double")
+    movies = spark.createDataFrame([(m, ["Drama"]) for m in range(20)], "movieId int, genres array<string>")
+    h = HybridConfig(folds=2, max_train_rows=None)
+    base, als_cfg = BaselineConfig(), AlsConfig(rank=2, max_iter=3)
+    # A model the pass would not fit itself (another rank): its predictions prove it was used.
+    bias = fit_bias(train, base)
+    given = fit_explicit(train, bias, AlsConfig(rank=3, max_iter=4), 7)
+    passes, _ = plan_passes(train, test, None, h, 7, len(rows))
+    assert [p.fold_out for p in passes] == [0, 1, None]
+    args = (movies, None, base, als_cfg, ContentConfig(), h, 7, 0.5, 5.0)
+    got = compute_passes(spark, passes, args, folded=with_folds(train, 7, 2), whole_als=given)
+    want = predict_explicit(given, bias, test.select("userId", "movieId"), True).select(
+        "userId", "movieId", F.col("prediction").alias("als"))
+    whole = got[-1].select("userId", "movieId", "als").join(want.withColumnRenamed("als", "want"), ["userId", "movieId"])
+    assert whole.count() == 3
+    assert all(r.als == pytest.approx(r.want, abs=1e-9) for r in whole.collect())
+    for df in got:
+        df.unpersist()
