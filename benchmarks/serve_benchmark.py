@@ -1,7 +1,7 @@
 """A serve run and an evaluate run on the same data, as whole `movierec` processes, side by side.
 
     python benchmarks/serve_benchmark.py [--input ../shared/datasets/ml-latest-small] [--work DIR]
-                                         [--set KEY=VALUE ...]
+                                         [--set KEY=VALUE ...] [--plain-als] [--report-only]
 
 Runs `movierec run` (serve: every rating, writes recommendations) and then `movierec evaluate`
 (held-out test part: the configured split, random 80/20 by default) into one fresh warehouse,
@@ -9,7 +9,10 @@ one at a time, and prints and writes to benchmarks/results/serve-evaluate-<data>
 - seconds per stage of each run (from `runs.stage_seconds`) and each process's wall time;
 - how many served rows are movies the user rated (must be 0), and users served;
 - the serve run's validation metrics next to the evaluate run's test (and validation) metrics;
-- whether `recommendations` and `latest` stayed as the serve run left them through the evaluate run.
+- whether `recommendations` and `latest` stayed as the serve run left them through the evaluate run;
+- with --plain-als, the plain Spark ALS example as a whole process beside them (issue 22's yardstick:
+  a script that reads ratings.csv, fits ALS rank 10 / 10 iterations / reg 0.1 and writes
+  recommendForAllUsers(10) as parquet), and each run's wall time over it.
 Tables are read back with delta-rs (no JVM).
 """
 
@@ -40,6 +43,30 @@ def movierec(cmd: str, data: str, wh: Path, run_id: str, sets: list[str]) -> flo
     return time.perf_counter() - t0
 
 
+# The plain Spark ALS example as its own process: local[*], the same driver memory, MLlib's
+# defaults otherwise (10 blocks). Timed from process start to exit, like the movierec runs.
+PLAIN = """
+import sys
+from pyspark.ml.recommendation import ALS
+from pyspark.sql import SparkSession
+spark = (SparkSession.builder.master("local[*]").appName("plain-als").config("spark.driver.memory", "6g")
+         .config("spark.ui.enabled", "false").getOrCreate())
+spark.sparkContext.setLogLevel("ERROR")
+ratings = spark.read.csv(sys.argv[1] + "/ratings.csv", header=True, inferSchema=True)
+model = ALS(rank=10, maxIter=10, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
+            coldStartStrategy="drop", seed=42).fit(ratings)
+model.recommendForAllUsers(10).write.mode("overwrite").parquet(sys.argv[2])
+spark.stop()
+"""
+
+
+def plain_als(data: str, work: Path) -> float:
+    print("$ plain ALS example on", data, flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", PLAIN, data, str(work / "plain-als-recs")], cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
 def table(wh: Path, name: str):
     return DeltaTable(str(wh / name))
 
@@ -49,6 +76,8 @@ def main() -> int:
     ap.add_argument("--input", default=str(SMALL))
     ap.add_argument("--work", default="/tmp/movierec-serve-bench")
     ap.add_argument("--set", action="append", default=[], help="config override for both runs")
+    ap.add_argument("--plain-als", action="store_true",
+                    help="also time the plain Spark ALS example as a whole process (needs ratings.csv in --input)")
     ap.add_argument("--report-only", action="store_true",
                     help="no runs: report the warehouse and wall times (wall.json) a previous call left in --work")
     args = ap.parse_args()
@@ -69,6 +98,9 @@ def main() -> int:
         walls.write_text(json.dumps(wall))
         wall["evaluate"] = movierec("evaluate", args.input, wh, "evaluate", args.set)
         walls.write_text(json.dumps(wall))
+        if args.plain_als:
+            wall["plain_als"] = plain_als(args.input, work)
+            walls.write_text(json.dumps(wall))
 
     runs = {r["run_id"]: r for r in table(wh, "runs").to_pyarrow_table().to_pylist()}
     for r in runs.values():  # delta-rs reads a map column as (key, value) pairs
@@ -109,6 +141,9 @@ def main() -> int:
     lines += [f"| sum of stages | {sum(runs['serve']['stage_seconds'].values()):.1f} | "
               f"{sum(runs['evaluate']['stage_seconds'].values()):.1f} |",
               f"| whole process (wall) | {wall['serve']:.1f} | {wall['evaluate']:.1f} |",
+              *([f"| plain ALS example, whole process (wall) | {wall['plain_als']:.1f} | |",
+                 f"| run / plain ALS example | {wall['serve'] / wall['plain_als']:.1f}x | "
+                 f"{wall['evaluate'] / wall['plain_als']:.1f}x |"] if wall.get("plain_als") else []),
               *([f"\nWall times: {wall['note']}."] if wall.get("note") else []),
               "",
               f"Served rows: {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "

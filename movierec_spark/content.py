@@ -2,13 +2,13 @@
 
 A movie's vector concatenates weighted, separately L2-normalised blocks (genres multi-hot; user
 tags as TF-IDF over normalised tag text; tag-genome relevance where the dataset has it; release
-decade one-hot) and is L2-normalised again, so a dot product is the cosine. All of it is MLlib
-feature transformers: no Python on the rows.
+decade one-hot) and is L2-normalised again, so a dot product is the cosine. The vectors are MLlib
+feature transformers' output, sparse throughout: no Python on the rows.
 
 Neighbours:
-- `exact_neighbours`: every movie against every movie in MLlib's blocked product (the one
-  recommendForAllUsers uses): exact, cost movies^2 x dimensions, so it is the small-catalog mode
-  and the yardstick for the approximation.
+- `exact_neighbours`: every movie against every movie, block pairs multiplied in numpy inside
+  `mapInArrow` (no per-row Python): exact, cost movies^2 x dimensions, so it is the
+  small-catalog mode and the yardstick for the approximation.
 - `lsh_neighbours`: random-hyperplane LSH with banding over the unit vectors for candidates,
   exact cosine on the candidates, top-K per movie.
 
@@ -36,26 +36,34 @@ def normalize_tag(col: str = "tag"):
 
 
 def _block(df: DataFrame, tokens: str, out: str, binary: bool, min_df: float = 1.0, idf: bool = False,
-           vocab: int = 1 << 18) -> DataFrame:
-    """Token arrays -> L2-normalised count (or TF-IDF) vectors in column `out`."""
+           vocab: int = 1 << 18) -> tuple[DataFrame, int]:
+    """Token arrays -> L2-normalised count (or TF-IDF) vectors in column `out`, and their width
+    (0: no movie has a token; the column is then left out). The vectors stay sparse."""
     cv = CountVectorizer(inputCol=tokens, outputCol=f"{out}_tf", binary=binary, minDF=min_df, vocabSize=vocab)
     model = cv.fit(df)
     if not model.vocabulary:
         # No movie has this attribute (e.g. a dataset without tags): the block is left out.
-        return df
+        return df, 0
     vec = model.transform(df)
     col = f"{out}_tf"
     if idf:
         vec = IDF(inputCol=col, outputCol=f"{out}_idf").fit(vec).transform(vec)
         col = f"{out}_idf"
     # Normalizer leaves a zero vector as it is (no NaN): a movie without the block adds nothing.
-    return Normalizer(inputCol=col, outputCol=out, p=2.0).transform(vec)
+    return Normalizer(inputCol=col, outputCol=out, p=2.0).transform(vec), len(model.vocabulary)
 
 
-def _scale(df: DataFrame, col: str, weight: float) -> DataFrame:
-    # A block's weight multiplies its unit vector; done on the array form (no UDF).
-    arr = F.transform(vector_to_array(col), lambda x: x * F.lit(weight))
-    return df.withColumn(col, array_to_vector(arr))
+def _scale(df: DataFrame, col: str, weight: float, width: int) -> DataFrame:
+    """The block's unit vectors times `weight`, still sparse. (Through arrays, as before issue 22,
+    every vector became dense: ~1,700 doubles a movie on ml-latest-small, and every later step
+    paid for the zeros.)"""
+    if weight == 1.0:
+        return df
+    from pyspark.ml.feature import ElementwiseProduct
+    from pyspark.ml.linalg import Vectors
+
+    return (ElementwiseProduct(scalingVec=Vectors.dense([weight] * width), inputCol=col, outputCol=f"{col}_w")
+            .transform(df).drop(col).withColumnRenamed(f"{col}_w", col))
 
 
 def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame | None,
@@ -74,12 +82,12 @@ def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame |
         base = base.join(tag_tokens, "movieId", "left")
     base = base.withColumn("tag_tokens", F.coalesce(F.col("tag_tokens") if tags is not None else F.lit(None),
                                                     F.array().cast("array<string>")))
-    df = _block(base, "genre_tokens", "v_genre", binary=True)
-    df = _block(df, "tag_tokens", "v_tag", binary=False, min_df=float(cfg.min_tag_movies), idf=True,
-                vocab=cfg.max_tags)
-    df = _block(df, "year_tokens", "v_year", binary=True)
-    blocks = [(c, w) for c, w in (("v_genre", cfg.genre_weight), ("v_tag", cfg.tag_weight),
-                                  ("v_year", cfg.year_weight)) if c in df.columns and w > 0]
+    df, w_genre = _block(base, "genre_tokens", "v_genre", binary=True)
+    df, w_tag = _block(df, "tag_tokens", "v_tag", binary=False, min_df=float(cfg.min_tag_movies), idf=True,
+                       vocab=cfg.max_tags)
+    df, w_year = _block(df, "year_tokens", "v_year", binary=True)
+    blocks = [(c, w, n) for c, w, n in (("v_genre", cfg.genre_weight, w_genre), ("v_tag", cfg.tag_weight, w_tag),
+                                        ("v_year", cfg.year_weight, w_year)) if n and w > 0]
     if genome is not None:
         # Dense relevance over the genome's tags, in tagId order.
         g = genome.groupBy("movieId").agg(
@@ -90,10 +98,10 @@ def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame |
         df = df.join(g, "movieId", "left").withColumn(
             "v_genome", F.coalesce(F.col("v_genome"), array_to_vector(F.array_repeat(F.lit(0.0), width))))
         if width and cfg.genome_weight > 0:
-            blocks.append(("v_genome", cfg.genome_weight))
-    for col, w in blocks:
-        df = _scale(df, col, w)
-    df = VectorAssembler(inputCols=[c for c, _ in blocks], outputCol="raw").transform(df)
+            blocks.append(("v_genome", cfg.genome_weight, width))
+    for col, w, n in blocks:
+        df = _scale(df, col, w, n)
+    df = VectorAssembler(inputCols=[c for c, _, _ in blocks], outputCol="raw").transform(df)
     df = Normalizer(inputCol="raw", outputCol="features", p=2.0).transform(df)
     nnz = F.size(F.filter(vector_to_array("raw"), lambda x: x != 0))
     return df.select("movieId", "features", (nnz > 0).alias("has_content"))
@@ -111,47 +119,102 @@ def _top_k(pairs: DataFrame, k: int) -> DataFrame:
                     F.col("rank").cast("int"), F.col("similarity").cast("double")))
 
 
-def _dense(vectors: DataFrame) -> DataFrame:
-    return vectors.where("has_content").select(
-        F.col("movieId").alias("id"), vector_to_array("features", "float32").alias("features"))
-
-
-def _dot_model(left: DataFrame, right: DataFrame, dim: int, left_col: str, right_col: str):
-    """An ALSModel whose factors are `left` and `right` (id, features array<float>).
-
-    MLlib computes factor dot products in the JVM, blocked and with BLAS: transform() scores given
-    pairs, recommendForAllUsers() scores all of them with a per-row top-k heap.
-    """
-    from .als import als_model_from_factors
-
-    return als_model_from_factors(left, right, dim, left_col, right_col, prediction_col="dot", uid="content_dot")
-
-
 def _pairs_frame(pairs: DataFrame) -> DataFrame:
     return pairs.select(F.col("movieId").cast("int"), F.col("similar_movieId").cast("int"),
                         F.round(F.col("dot").cast("double"), 6).alias("similarity"))
 
 
-def exact_neighbours(vectors: DataFrame, k: int) -> DataFrame:
+def _empty_pairs(spark) -> DataFrame:
+    return spark.createDataFrame([], "movieId int, similar_movieId int, similarity double")
+
+
+def exact_neighbours(vectors: DataFrame, k: int, block_size: int = 2048) -> DataFrame:
     """Exact top-k cosine neighbours of every movie against the whole catalog.
 
     A self-join on feature index would be exact too, but genres are shared by thousands of
-    movies, so it emits sum(df^2) partial products. Instead the unit vectors go into MLlib's
-    blocked matrix product with a per-row top-k heap (recommendForAllUsers), which scores every
-    pair once in the JVM and keeps k + 1 per movie (itself included). Cost movies^2 x
-    dimensions: the small-catalog mode, and the yardstick for the approximation.
+    movies, so it emits sum(df^2) partial products. Instead the catalog's unit vectors are cut
+    into hash blocks of about `block_size` movies and every (left block, right block) pair is
+    one row: `mapInArrow` receives the two blocks' vectors as they are stored (MLlib's sparse
+    index/value arrays), multiplies them densely in numpy (float64, BLAS) and keeps each left
+    movie's top k of the right block in the final order (similarity rounded to 6 decimals,
+    descending, then the smaller id), so the union of the blocks' lists holds every movie's
+    true top k. Cost movies^2 x dimensions multiply-adds, movies x blocks x k rows out of
+    Python: the small-catalog mode, and the yardstick for the approximation. (MLlib's blocked
+    product, used before issue 22, gave the same lists from densified float32 vectors and took
+    35 s of the content stage's 63 s on ml-latest-small.)
     """
-    # Not cached here (nothing would unpersist it): the caller caches `vectors`.
-    dense = _dense(vectors)
-    first = dense.first()
-    if first is None:
-        return _top_k(vectors.sparkSession.createDataFrame([], "movieId int, similar_movieId int, similarity double"), k)
-    model = _dot_model(dense, dense, len(first["features"]), "movieId", "similar_movieId")
-    recs = model.recommendForAllUsers(k + 1)
-    pairs = recs.select("movieId", F.explode("recommendations").alias("r")).select(
-        "movieId", F.col("r.similar_movieId").alias("similar_movieId"), F.col("r.rating").alias("dot"))
-    # float32 products are rounded so equal cosines tie exactly and the tie-break decides.
-    return _top_k(_pairs_frame(pairs).where(F.col("movieId") != F.col("similar_movieId")), k)
+    spark = vectors.sparkSession
+    v = vectors.where("has_content").select("movieId", "features")
+    n = v.count()
+    if n == 0:
+        return _top_k(_empty_pairs(spark), k)
+    n_blocks = max(1, -(-n // block_size))
+    blocks = (v.withColumn("b", F.pmod(F.xxhash64("movieId"), F.lit(n_blocks)))
+              .groupBy("b").agg(F.collect_list(F.struct("movieId", "features")).alias("m")))
+    pairs = (blocks.select(F.col("m").alias("l")).crossJoin(blocks.select(F.col("m").alias("r")))
+             .repartition(n_blocks * n_blocks))  # one block pair per task: the pairs are the work
+    out = pairs.mapInArrow(_block_top_k(k), "movieId int, similar_movieId int, similarity double")
+    return _top_k(out, k)
+
+
+def _vector_width(vectors) -> int:
+    """The width of an Arrow array of MLlib vectors (their stored struct: type 0 sparse with size,
+    indices and values / 1 dense with values only, no size)."""
+    import pyarrow.compute as pc
+
+    _, size, _, val = vectors.flatten()
+    return max(int(pc.max(size).as_py() or 0), int(pc.max(val.value_lengths()).as_py() or 0))
+
+
+def _vector_rows(vectors, width: int):
+    """An Arrow array of MLlib vectors -> a dense float64 numpy matrix, one row per vector."""
+    import numpy as np
+
+    typ, _, idx, val = vectors.flatten()
+    n = len(vectors)
+    lengths = val.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    m = np.zeros((n, width))
+    flat = val.flatten().to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(n), lengths)
+    # A dense vector's value j sits at column j; a sparse one's at its index.
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    sparse = np.repeat(typ.fill_null(1).to_numpy(zero_copy_only=False) == 0, lengths)
+    if sparse.any():
+        cols[sparse] = idx.flatten().to_numpy(zero_copy_only=False)
+    m[rows, cols] = flat
+    return m
+
+
+def _block_top_k(k: int):
+    """exact_neighbours' mapInArrow function: rows (l, r) of two blocks' (movieId, features) ->
+    each left movie's top k right movies (itself excluded, similarity > 0)."""
+    def run(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        for batch in batches:
+            for i in range(batch.num_rows):
+                left, right = batch.column("l")[i].values, batch.column("r")[i].values
+                lids, lvec = left.flatten()[0].to_numpy(zero_copy_only=False), left.flatten()[1]
+                rids, rvec = right.flatten()[0].to_numpy(zero_copy_only=False), right.flatten()[1]
+                # Right movies by id, so a stable sort on similarity breaks ties by the smaller id.
+                order = np.argsort(rids, kind="stable")
+                rids = rids[order]
+                width = max(_vector_width(lvec), _vector_width(rvec))
+                lm, rm = _vector_rows(lvec, width), _vector_rows(rvec, width)
+                sims = np.round(lm @ rm[order].T, 6)
+                sims[lids[:, None] == rids[None, :]] = 0.0  # not its own neighbour
+                kk = min(k, len(rids))
+                top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+                li = np.repeat(np.arange(len(lids)), kk)
+                ri = top.ravel()
+                s = sims[li, ri]
+                keep = s > 0
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(lids[li[keep]], pa.int32()), pa.array(rids[ri[keep]], pa.int32()),
+                     pa.array(s[keep], pa.float64())], names=["movieId", "similar_movieId", "similarity"])
+
+    return run
 
 
 def _sparse_entries(vectors: DataFrame) -> DataFrame:
@@ -197,7 +260,7 @@ def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, 
     """
     spark = vectors.sparkSession
     if not vectors.where("has_content").take(1):
-        return _top_k(spark.createDataFrame([], "movieId int, similar_movieId int, similarity double"), k)
+        return _top_k(_empty_pairs(spark), k)
     codes = lsh_codes(vectors, bits, tables, seed)
     size = F.count(F.lit(1)).over(Window.partitionBy("t", "code"))
     buckets = codes.withColumn(

@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from .config import HybridConfig
-from .features import FEATURES, gbt_sample
+from .features import FEATURES, gbt_input, gbt_sample
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple
             data = data.where(~F.col("is_val")).drop("is_val")
         else:
             gbt = gbt.setValidationIndicatorCol("is_val").setParams(validationTol=cfg.validation_tol)
-    model = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="x", handleInvalid="keep"), gbt]).fit(
-        data.cache())
+    data = gbt_input(data).cache()
+    model = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="x", handleInvalid="keep"), gbt]).fit(data)
     imp = model.stages[-1].featureImportances.toArray()
     ranked = sorted(zip(FEATURES, imp.tolist()), key=lambda t: -t[1])
     trees = model.stages[-1].getNumTrees

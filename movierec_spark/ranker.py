@@ -158,7 +158,9 @@ def _time_features(cands: DataFrame, times: DataFrame) -> tuple[DataFrame, list[
 def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4) -> PipelineModel:
     gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
                         subsamplingRate=0.8, stepSize=0.1)
-    data = labelled.cache()
+    from .features import gbt_input
+
+    data = gbt_input(labelled).cache()
     pos = data.where("label = 1").count()
     log.info("ranker: %d validation candidates, %d of them held out", data.count(), pos)
     model = Pipeline(stages=[VectorAssembler(inputCols=names, outputCol="x"), gbt]).fit(data)

@@ -335,3 +335,45 @@ def test_user_lists_hold_each_evaluated_users_list_in_rank_order_and_relevant_mo
     eq(got, want)
     assert _user_lists(ranked, test.limit(0), 2, None).isEmpty()
     assert _user_lists(ranked.limit(0), test, 2, None).where(F.size("pred") > 0).isEmpty()
+
+
+# ----------------------------------------------------------------------------- content
+
+def test_exact_neighbours_across_blocks_match_numpy_with_ties_by_id(spark):
+    """Block pairs in numpy (mapInArrow) give every movie the brute-force top k: similarity
+    (rounded to 6 decimals) descending, ties by the smaller id, never itself, never a cosine of
+    0, whichever block a neighbour sits in and whether a vector is stored sparse or dense."""
+    import numpy as np
+    from pyspark.ml.linalg import Vectors, VectorUDT
+    from pyspark.sql.types import BooleanType, IntegerType, StructField, StructType
+
+    from movierec_spark.content import exact_neighbours
+
+    rng = np.random.default_rng(3)
+    width, n, k = 12, 40, 4
+    m = np.where(rng.random((n, width)) < 0.3, rng.random((n, width)), 0.0)
+    m[5] = m[6] = m[7] = m[8]  # four identical vectors: ties broken by id
+    m[9] = 0.0                 # no content: nobody's neighbour
+    m[10] = np.eye(width)[0]   # shares nothing with movies lacking column 0
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    m = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+    ids = [100 + 3 * i for i in range(n)]
+    rows = []
+    for i, r in enumerate(m):
+        nz = np.nonzero(r)[0]
+        vec = Vectors.dense(r.tolist()) if i % 2 else Vectors.sparse(width, nz.tolist(), r[nz].tolist())
+        rows.append((ids[i], vec, bool(len(nz))))
+    schema = StructType([StructField("movieId", IntegerType()), StructField("features", VectorUDT()),
+                         StructField("has_content", BooleanType())])
+    vectors = spark.createDataFrame(rows, schema)
+    sims = np.round(m @ m.T, 6)
+    want = []
+    for i in range(n):
+        cands = sorted((-sims[i, j], ids[j]) for j in range(n) if j != i and sims[i, j] > 0)
+        want += [(ids[i], j, r + 1, float(-s)) for r, (s, j) in enumerate(cands[:k])]
+    want_df = spark.createDataFrame(want, "movieId int, similar_movieId int, rank int, similarity double")
+    got = exact_neighbours(vectors, k, block_size=7)  # 6 blocks: 36 block pairs
+    assert_approx_df_equality(got, want_df, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    assert [r.similar_movieId for r in got.where("movieId = 115 AND rank <= 3").orderBy("rank").collect()] == \
+        [118, 121, 124]
+    assert exact_neighbours(vectors.limit(0), k).isEmpty()
