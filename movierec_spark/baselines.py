@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from .config import BaselineConfig
@@ -24,6 +24,9 @@ class BiasModel:
     item_bias: DataFrame  # movieId, b_i
     lo: float = 0.5
     hi: float = 5.0
+    # A per-row global mean (a Column) instead of `mu`: for several independent fits in one frame
+    # (features.batched_pass_features), each row's own fit's mean.
+    mean: Column | None = None
 
     def unpersist(self) -> None:
         self.user_bias.unpersist()
@@ -31,7 +34,8 @@ class BiasModel:
 
     def predict(self, pairs: DataFrame) -> DataFrame:
         """Add `baseline` = mu + b_u + b_i (unknown user or movie: its bias is 0), clipped."""
-        raw = (F.lit(self.mu) + F.coalesce(F.col("b_u"), F.lit(0.0)) + F.coalesce(F.col("b_i"), F.lit(0.0)))
+        mu = self.mean if self.mean is not None else F.lit(self.mu)
+        raw = (mu + F.coalesce(F.col("b_u"), F.lit(0.0)) + F.coalesce(F.col("b_i"), F.lit(0.0)))
         return (
             pairs.join(self.item_bias, on="movieId", how="left")
             .join(self.user_bias, on="userId", how="left")
@@ -48,23 +52,27 @@ def global_mean(train: DataFrame) -> float:
     return float(mu)
 
 
-def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float = 5.0) -> BiasModel:
+def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float = 5.0,
+             mean: Column | None = None) -> BiasModel:
     """Koren (2008) baseline predictor by alternating shrunk means, as DataFrame aggregations.
 
     b_i = sum(r - mu - b_u) / (item_reg + n_i);  b_u = sum(r - mu - b_i) / (user_reg + n_u)
+
+    `mean`: a per-row expression of mu (see BiasModel.mean) instead of train's mean.
     """
-    mu = global_mean(train)
+    mu = global_mean(train) if mean is None else float("nan")
+    mu_c = F.lit(mu) if mean is None else mean
     r = train.select("userId", "movieId", "rating").cache()
     b_u = None
     b_i = None
     for _ in range(max(1, cfg.iterations)):
-        resid = F.col("rating") - mu - (F.col("b_u") if b_u is not None else F.lit(0.0))
+        resid = F.col("rating") - mu_c - (F.col("b_u") if b_u is not None else F.lit(0.0))
         src = r.join(b_u, "userId", "left") if b_u is not None else r
         new_i = (src.groupBy("movieId")
                  .agg((F.sum(resid) / (F.count(F.lit(1)) + cfg.item_reg)).alias("b_i")).cache())
         new_i.count()  # materialise: the next iteration builds on it, keep lineage short
         new_u = (r.join(new_i, "movieId", "left").groupBy("userId")
-                 .agg((F.sum(F.col("rating") - mu - F.col("b_i")) / (F.count(F.lit(1)) + cfg.user_reg)).alias("b_u"))
+                 .agg((F.sum(F.col("rating") - mu_c - F.col("b_i")) / (F.count(F.lit(1)) + cfg.user_reg)).alias("b_u"))
                  .cache())
         new_u.count()
         for old in (b_i, b_u):
@@ -72,7 +80,7 @@ def fit_bias(train: DataFrame, cfg: BaselineConfig, lo: float = 0.5, hi: float =
                 old.unpersist()
         b_i, b_u = new_i, new_u
     r.unpersist()
-    return BiasModel(mu, b_u, b_i, lo, hi)
+    return BiasModel(mu, b_u, b_i, lo, hi, mean)
 
 
 def popularity(train: DataFrame) -> DataFrame:

@@ -222,6 +222,10 @@ class HybridConfig(Section):
     # then sample each movie's (user's) ratings once for all passes. A one-pass plan (25M
     # ratings) keeps its own self-joins. false: per pass.
     shared_neighbours: bool = True
+    # With shared_neighbours: the out-of-fold passes computed as one batch, each pass's ratings
+    # under ids of their own (features.batched_pass_features), so every Spark job serves all
+    # passes; false: one pass after another (the same features up to ALS's random start).
+    batched_passes: bool = True
     # Neighbour lists for sur/smr: kept per user/movie, co-ratings required, and the caps that
     # bound the co-rating self-joins (null = no cap: exact similarities).
     neighbours: int = 30

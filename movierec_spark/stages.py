@@ -219,7 +219,8 @@ def features_stage(ctx: RunContext) -> dict:
             cfg.pipeline.seed, *rating_scale(ctx))
     folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
-                             whole_als=ctx.shared.get("als_model") if cfg.als.residual else None)
+                             whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
+                             batched=h.batched_passes)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     for df in results:
         df.unpersist()

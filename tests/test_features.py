@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from chispa import assert_approx_df_equality
 
 from movierec_spark.config import HybridConfig
 from movierec_spark.features import cosine_neighbours, oof_plan
@@ -86,11 +87,57 @@ def test_the_whole_train_pass_uses_the_given_als_model_with_shared_neighbours(sp
     passes, _ = plan_passes(train, test, None, h, 7, len(rows))
     assert [p.fold_out for p in passes] == [0, 1, None]
     args = (movies, None, base, als_cfg, ContentConfig(), h, 7, 0.5, 5.0)
-    got = compute_passes(spark, passes, args, folded=with_folds(train, 7, 2), whole_als=given)
+    # Pass by pass (the batch refits every pass's ALS, the whole-train one's too).
+    got = compute_passes(spark, passes, args, folded=with_folds(train, 7, 2), whole_als=given, batched=False)
     want = predict_explicit(given, bias, test.select("userId", "movieId"), True).select(
         "userId", "movieId", F.col("prediction").alias("als"))
     whole = got[-1].select("userId", "movieId", "als").join(want.withColumnRenamed("als", "want"), ["userId", "movieId"])
     assert whole.count() == 3
     assert all(r.als == pytest.approx(r.want, abs=1e-9) for r in whole.collect())
     for df in got:
+        df.unpersist()
+
+
+def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
+    """The out-of-fold passes as one batch (ids encoded per pass) give every feature the passes
+    computed one by one give, with content neighbours too; residual ALS only up to its random
+    start. A test pair that is also a train pair (never so in a real split) keeps each pass's
+    own features. Each row's features come from its own pass: a leak across passes (another pass's
+    ratings, hence the row's own) would move the means, counts and neighbour ratings."""
+    from pyspark.sql import functions as F
+
+    from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig
+    from movierec_spark.features import compute_passes, labelled_rows, plan_passes, with_folds
+
+    rng = np.random.default_rng(11)
+    rows = [(int(u) * 7 + 3, int(m) * 5 + 1, float(rng.integers(1, 6)))
+            for u in range(40) for m in range(30) if rng.random() < 0.4]
+    train = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    test = spark.createDataFrame([(3, 6, 3.0), (10, 11, 4.0)], "userId int, movieId int, rating double")
+    mids = sorted({m for _, m, _ in rows})
+    movies = spark.createDataFrame([(m, ["Drama"] if m % 2 else ["Comedy", "Drama"]) for m in mids],
+                                   "movieId int, genres array<string>")
+    sims = spark.createDataFrame([(a, b, 1.0 / (1 + abs(a - b)), r + 1) for a in mids
+                                  for r, b in enumerate(sorted((b for b in mids if b != a), key=lambda b: abs(a - b))[:4])],
+                                 "movieId int, similar_movieId int, similarity double, rank int")
+    h = HybridConfig(folds=3, max_train_rows=None, neighbours=5)
+    args = (movies, sims, BaselineConfig(), AlsConfig(rank=2, max_iter=5), ContentConfig(), h, 7, 0.5, 5.0)
+    passes, _ = plan_passes(train, test, None, h, 7, len(rows))
+    folded = with_folds(train, 7, 3)
+    one = compute_passes(spark, passes, args, folded=folded, batched=False)
+    many = compute_passes(spark, passes, args, folded=folded, batched=True)
+    assert len(many) == 4 and len({id(df) for df in many[:3]}) == 1 and many[0] is not one[0]
+    a = labelled_rows(passes, one).drop("als")
+    b = labelled_rows(passes, many).drop("als")
+    assert a.where("split = 'train'").count() == len(rows) and a.where("split = 'test'").count() == 2
+    assert_approx_df_equality(a, b, 1e-9, ignore_row_order=True, ignore_column_order=True, ignore_nullable=True)
+    # ALS: the same model up to its random start, which on ratings without structure (these are
+    # random) moves single predictions a lot; so its error against the rows' ratings is compared.
+    # Seeing the row's own rating through another pass would make the batch's error far smaller.
+    def mae(results):
+        rows = labelled_rows(passes, results).where("split = 'train'")
+        return rows.agg(F.avg(F.abs(F.col("als") - F.col("label")))).first()[0]
+
+    assert 0.9 * mae(one) < mae(many) < 1.1 * mae(one)
+    for df in one + many:
         df.unpersist()
