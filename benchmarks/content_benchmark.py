@@ -3,7 +3,7 @@
     python benchmarks/content_benchmark.py [--warehouse W | --input DIR] [--no-exact] [--set KEY=VALUE]
 
 Builds the movie vectors of an ingested warehouse (or ingests --input into a temporary one),
-times the exact top-K (MLlib blocked product over all pairs) and the LSH path (SimHash bands
+times the exact top-K (numpy block products over all pairs) and the LSH path (SimHash bands
 from BucketedRandomProjectionLSH, exact cosine on candidates), and prints recall@K of LSH
 against exact (tie-aware). --no-exact skips the all-pairs yardstick on large catalogs.
 """
