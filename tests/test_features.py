@@ -64,48 +64,17 @@ def test_oof_plan_without_a_row_cap_uses_every_fold():
     assert oof_plan(50_000_000, HybridConfig(max_train_rows=None)) == (5, 1.0)
 
 
-def test_the_whole_train_pass_uses_the_given_als_model_with_shared_neighbours(spark):
-    """compute_passes hands the als stage's model to the whole-train pass (and only to it), also
-    when every pass's neighbour lists come from the shared self-join."""
-    from pyspark.sql import functions as F
-
-    from movierec_spark.als import fit_explicit, predict_explicit
-    from movierec_spark.baselines import fit_bias
-    from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig
-    from movierec_spark.features import compute_passes, plan_passes, with_folds
-
-    rng = np.random.default_rng(5)
-    rows = [(int(u), int(m), float(rng.integers(1, 6))) for u in range(30) for m in range(20) if rng.random() < 0.5]
-    train = spark.createDataFrame(rows, "userId int, movieId int, rating double")
-    test = spark.createDataFrame([(0, 1, 3.0), (1, 2, 4.0), (2, 3, 5.0)], "userId int, movieId int, rating double")
-    movies = spark.createDataFrame([(m, ["Drama"]) for m in range(20)], "movieId int, genres array<string>")
-    h = HybridConfig(folds=2, max_train_rows=None)
-    base, als_cfg = BaselineConfig(), AlsConfig(rank=2, max_iter=3)
-    # A model the pass would not fit itself (another rank): its predictions prove it was used.
-    bias = fit_bias(train, base)
-    given = fit_explicit(train, bias, AlsConfig(rank=3, max_iter=4), 7)
-    passes, _ = plan_passes(train, test, None, h, 7, len(rows))
-    assert [p.fold_out for p in passes] == [0, 1, None]
-    args = (movies, None, base, als_cfg, ContentConfig(), h, 7, 0.5, 5.0)
-    # Pass by pass (the batch refits every pass's ALS, the whole-train one's too).
-    got = compute_passes(spark, passes, args, folded=with_folds(train, 7, 2), whole_als=given, batched=False)
-    want = predict_explicit(given, bias, test.select("userId", "movieId"), True).select(
-        "userId", "movieId", F.col("prediction").alias("als"))
-    whole = got[-1].select("userId", "movieId", "als").join(want.withColumnRenamed("als", "want"), ["userId", "movieId"])
-    assert whole.count() == 3
-    assert all(r.als == pytest.approx(r.want, abs=1e-9) for r in whole.collect())
-    for df in got:
-        df.unpersist()
-
-
 def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     """The out-of-fold passes as one batch (ids encoded per pass) give every feature the passes
     computed one by one give, with content neighbours too; residual ALS only up to its random
     start. A test pair that is also a train pair (never so in a real split) keeps each pass's
     own features. Each row's features come from its own pass: a leak across passes (another pass's
-    ratings, hence the row's own) would move the means, counts and neighbour ratings."""
+    ratings, hence the row's own) would move the means, counts and neighbour ratings. Both ways,
+    the whole-train pass takes the als stage's model (also with the shared neighbour lists)."""
     from pyspark.sql import functions as F
 
+    from movierec_spark.als import fit_explicit, predict_explicit
+    from movierec_spark.baselines import fit_bias
     from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig
     from movierec_spark.features import compute_passes, labelled_rows, plan_passes, with_folds
 
@@ -124,9 +93,18 @@ def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     args = (movies, sims, BaselineConfig(), AlsConfig(rank=2, max_iter=5), ContentConfig(), h, 7, 0.5, 5.0)
     passes, _ = plan_passes(train, test, None, h, 7, len(rows))
     folded = with_folds(train, 7, 2)
-    one = compute_passes(spark, passes, args, folded=folded, batched=False)
-    many = compute_passes(spark, passes, args, folded=folded, batched=True)
+    assert [p.fold_out for p in passes] == [0, 1, None]
+    # A model the whole-train pass would not fit itself (another rank): its predictions prove it was used.
+    bias = fit_bias(train, BaselineConfig())
+    given = fit_explicit(train, bias, AlsConfig(rank=3, max_iter=4), 7)
+    one = compute_passes(spark, passes, args, folded=folded, batched=False, whole_als=given)
+    many = compute_passes(spark, passes, args, folded=folded, batched=True, whole_als=given)
     assert len(many) == 3 and many[0] is many[1] and many[0] is not one[0]
+    want = {(r.userId, r.movieId): r.prediction for r in
+            predict_explicit(given, bias, test.select("userId", "movieId"), True).collect()}
+    for results in (one, many):
+        got = {(r.userId, r.movieId): r.als for r in results[-1].select("userId", "movieId", "als").collect()}
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want)
     a = labelled_rows(passes, one).drop("als")
     b = labelled_rows(passes, many).drop("als")
     assert a.where("split = 'train'").count() == len(rows) and a.where("split = 'test'").count() == 2
