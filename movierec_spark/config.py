@@ -177,6 +177,10 @@ class ContentConfig(Section):
     tag_weight: float = 1.0
     genome_weight: float = 1.0
     year_weight: float = 0.5
+    # Title words (content.title_tokens: franchise names, TF-IDF, sequel markers dropped): what
+    # ties a sequel to its film when genres, tags and decade do not. 1.0 like the other blocks
+    # (not tuned: benchmarks/franchise_benchmark.py reports its recall).
+    title_weight: float = 1.0
     # A tag must be used on at least this many movies to become a feature.
     min_tag_movies: int = 1
     k: int = 20
@@ -288,6 +292,29 @@ class EvaluationConfig(Section):
     top_n: int = Field(10, ge=1)
 
 
+class TuneConfig(Section):
+    """Settings chosen on validation data carved from the train part (tune.py), never on a test
+    part. Today: implicit ALS's rank, reg_param, alpha and confidence, by a coordinate search
+    (one sweep over each list, the others held at the best so far)."""
+    # auto: tune when the train part has at most `max_ratings` ratings (a serve run first reuses
+    # an earlier run's choice, see reuse_max_change); true: always; false: the config's values.
+    enabled: bool | Literal["auto"] = "auto"
+    max_ratings: int = Field(1_500_000, ge=1)
+    # Per user, this hash share of their train ratings is held out (users with at least
+    # `min_user_ratings` train ratings); the candidates are fitted on the rest and scored by
+    # nDCG@10 of their top-10 unseen lists against it.
+    validation_ratio: float = Field(0.2, gt=0, lt=1)
+    min_user_ratings: int = Field(5, ge=2)
+    # A run reuses the newest succeeded run's choice on this warehouse while its train part's
+    # size differs from the one that run tuned on by at most this share (0: always retune).
+    reuse_max_change: float = Field(0.1, ge=0)
+    implicit_ranks: list[int] = Field(default_factory=lambda: [10, 20, 32], min_length=1)
+    implicit_reg_params: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3], min_length=1)
+    implicit_alphas: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 20.0], min_length=1)
+    implicit_confidences: list[Literal["binary", "rating"]] = Field(
+        default_factory=lambda: ["binary", "rating"], min_length=1)
+
+
 class PipelineConfig(Section):
     stages: list[str] = Field(default_factory=lambda: ["ingest"])
     seed: int = 42
@@ -308,6 +335,7 @@ class Config(Section):
     content: ContentConfig = Field(default_factory=ContentConfig)
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     # Where the file came from, for messages and relative paths; not a user setting.
     _source: str = PrivateAttr(default="<defaults>")

@@ -2,8 +2,11 @@
 
 A movie's vector concatenates weighted, separately L2-normalised blocks (genres multi-hot; user
 tags as TF-IDF over normalised tag text; tag-genome relevance where the dataset has it; release
-decade one-hot) and is L2-normalised again, so a dot product is the cosine. The vectors are MLlib
-feature transformers' output, sparse throughout: no Python on the rows.
+decade one-hot; title words as TF-IDF, see `title_tokens`) and is L2-normalised again, so a dot
+product is the cosine. The vectors are MLlib feature transformers' output, sparse throughout: no
+Python on the rows. Equal similarities are ordered by the neighbour's number of ratings (more
+first), then by id: genres and decade alone give many movies identical vectors, and among
+those the one people watch is the better answer.
 
 Neighbours:
 - `exact_neighbours`: every movie against every movie, block pairs multiplied in numpy inside
@@ -33,6 +36,30 @@ log = logging.getLogger(__name__)
 def normalize_tag(col: str = "tag"):
     """Lower case, trimmed, inner whitespace collapsed: 'Pixar ', 'pixar' and 'PIXAR' are one tag."""
     return F.regexp_replace(F.lower(F.trim(F.col(col))), r"\s+", " ")
+
+
+# Words that mark a sequel, not a franchise: "Part II", "Episode V", "Vol. 2", "3" all drop out,
+# so "Godfather: Part II" is "godfather" like "Godfather, The". Numbers of three or more digits
+# stay ("2001", "1984" are titles); "13th" stays too.
+SEQUEL_MARKERS = ["part", "episode", "chapter", "vol", "volume", "ii", "iii", "iv", "v", "vi", "vii", "viii",
+                  "ix", "x", "xi", "xii", "xiii", "aka"]
+
+
+def title_tokens(title: str = "title"):
+    """A title's franchise words: lower case, the trailing "(1995)" dropped, split on anything
+    that is not a letter or digit, one-letter words, sequel markers (SEQUEL_MARKERS, numbers of
+    one or two digits) and English stop words dropped, a plural "s" stripped ("Aliens" is
+    "alien"). MovieLens's "Empire Strikes Back, The" and alternative titles in parentheses
+    need no special case: their words are words. TF-IDF then weighs a franchise's rare name
+    far above common words."""
+    from pyspark.ml.feature import StopWordsRemover
+
+    stop = StopWordsRemover.loadDefaultStopWords("english")
+    t = F.regexp_replace(F.lower(F.col(title)), r"\s*\(\d{4}\)\s*$", "")
+    words = F.filter(F.split(t, r"[^\p{L}\p{N}]+"),
+                     lambda w: (F.length(w) > 1) & ~w.isin(SEQUEL_MARKERS) & ~w.rlike(r"^\d{1,2}$")
+                     & ~w.isin(stop))
+    return F.array_distinct(F.transform(words, lambda w: F.regexp_replace(w, r"^(.{2,}[^s])s$", "$1")))
 
 
 def _block(df: DataFrame, tokens: str, out: str, binary: bool, min_df: float = 1.0, idf: bool = False,
@@ -67,10 +94,13 @@ def _scale(df: DataFrame, col: str, weight: float, width: int) -> DataFrame:
 
 
 def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame | None,
-                  cfg: ContentConfig) -> DataFrame:
-    """movieId, features (unit-length MLlib vector; zero for a movie with no attributes), has_content."""
+                  cfg: ContentConfig, popularity: DataFrame | None = None) -> DataFrame:
+    """movieId, features (unit-length MLlib vector; zero for a movie with no attributes),
+    has_content, pop (its number of ratings in `popularity` (movieId, n), 0 without: the tie
+    break among equal similarities)."""
     base = movies.select(
         "movieId",
+        title_tokens().alias("title_tokens"),
         F.coalesce("genres", F.array().cast("array<string>")).alias("genre_tokens"),
         F.when(F.col("year").isNotNull(), F.array(F.concat(F.lit("decade_"), (F.floor(F.col("year") / 10) * 10).cast("string"))))
         .otherwise(F.array().cast("array<string>")).alias("year_tokens"),
@@ -86,8 +116,11 @@ def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame |
     df, w_tag = _block(df, "tag_tokens", "v_tag", binary=False, min_df=float(cfg.min_tag_movies), idf=True,
                        vocab=cfg.max_tags)
     df, w_year = _block(df, "year_tokens", "v_year", binary=True)
+    # A word only one title has links nothing: min_df 2 keeps the vocabulary to shared words.
+    df, w_title = _block(df, "title_tokens", "v_title", binary=True, min_df=2.0, idf=True)
     blocks = [(c, w, n) for c, w, n in (("v_genre", cfg.genre_weight, w_genre), ("v_tag", cfg.tag_weight, w_tag),
-                                        ("v_year", cfg.year_weight, w_year)) if n and w > 0]
+                                        ("v_year", cfg.year_weight, w_year), ("v_title", cfg.title_weight, w_title))
+              if n and w > 0]
     if genome is not None:
         # Dense relevance over the genome's tags, in tagId order.
         g = genome.groupBy("movieId").agg(
@@ -104,15 +137,25 @@ def movie_vectors(movies: DataFrame, tags: DataFrame | None, genome: DataFrame |
     df = VectorAssembler(inputCols=[c for c, _, _ in blocks], outputCol="raw").transform(df)
     df = Normalizer(inputCol="raw", outputCol="features", p=2.0).transform(df)
     nnz = F.size(F.filter(vector_to_array("raw"), lambda x: x != 0))
-    return df.select("movieId", "features", (nnz > 0).alias("has_content"))
+    if popularity is not None:
+        df = df.join(popularity.select("movieId", F.col("n").alias("pop")), "movieId", "left")
+    pop = F.coalesce(F.col("pop"), F.lit(0)) if popularity is not None else F.lit(0)
+    return df.select("movieId", "features", (nnz > 0).alias("has_content"), pop.cast("long").alias("pop"))
+
+
+def _pop(df: DataFrame):
+    """The vectors' or pairs' popularity column (0 when the frame has none)."""
+    return F.coalesce(F.col("pop"), F.lit(0)).cast("long") if "pop" in df.columns else F.lit(0).cast("long")
 
 
 def _top_k(pairs: DataFrame, k: int) -> DataFrame:
-    """pairs(movieId, similar_movieId, similarity) in both orientations -> top-k per movie.
+    """pairs(movieId, similar_movieId, similarity[, pop]) in both orientations -> top-k per movie.
 
-    Ties broken by the neighbour's id (smaller first) so reruns give identical lists.
+    Ties broken by the neighbour's popularity (`pop`, more first), then its id (smaller first),
+    so reruns give identical lists.
     """
-    w = Window.partitionBy("movieId").orderBy(F.col("similarity").desc(), F.col("similar_movieId"))
+    pairs = pairs.withColumn("pop", _pop(pairs))
+    w = Window.partitionBy("movieId").orderBy(F.col("similarity").desc(), F.col("pop").desc(), F.col("similar_movieId"))
     # A cosine of 0 shares nothing: not a neighbour.
     return (pairs.where(F.col("similarity") > 0).withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= k)
             .select(F.col("movieId").cast("int"), F.col("similar_movieId").cast("int"),
@@ -128,7 +171,7 @@ def _empty_pairs(spark) -> DataFrame:
     return spark.createDataFrame([], "movieId int, similar_movieId int, similarity double")
 
 
-def exact_neighbours(vectors: DataFrame, k: int, block_size: int = 2048) -> DataFrame:
+def exact_neighbours(vectors: DataFrame, k: int, block_size: int = 2048, sources: DataFrame | None = None) -> DataFrame:
     """Exact top-k cosine neighbours of every movie against the whole catalog.
 
     A self-join on feature index would be exact too, but genres are shared by thousands of
@@ -137,24 +180,28 @@ def exact_neighbours(vectors: DataFrame, k: int, block_size: int = 2048) -> Data
     one row: `mapInArrow` receives the two blocks' vectors as they are stored (MLlib's sparse
     index/value arrays), multiplies them densely in numpy (float64, BLAS) and keeps each left
     movie's top k of the right block in the final order (similarity rounded to 6 decimals,
-    descending, then the smaller id), so the union of the blocks' lists holds every movie's
+    descending, then the more rated (`pop`), then the smaller id), so the union of the blocks' lists holds every movie's
     true top k. Cost movies^2 x dimensions multiply-adds, movies x blocks x k rows out of
-    Python: the small-catalog mode, and the yardstick for the approximation. (MLlib's blocked
+    Python: the small-catalog mode, and the yardstick for the approximation. `sources`
+    (movieId): lists for those movies only, still against the whole catalog. (MLlib's blocked
     product, used before issue 22, took 35 s of the content stage's 63 s on ml-latest-small and
     its top-(k+1) heap dropped tied movies before the id tie-break: 130,389 of 194,700
     (movie, rank) rows differ from these lists, all among equal similarities.)
     """
     spark = vectors.sparkSession
-    v = vectors.where("has_content").select("movieId", "features")
+    v = vectors.where("has_content").select("movieId", "features", _pop(vectors).alias("pop"))
     n = v.count()
     if n == 0:
         return _top_k(_empty_pairs(spark), k)
     n_blocks = max(1, -(-n // block_size))
-    blocks = (v.withColumn("b", F.pmod(F.xxhash64("movieId"), F.lit(n_blocks)))
-              .groupBy("b").agg(F.collect_list(F.struct("movieId", "features")).alias("m")))
-    pairs = (blocks.select(F.col("m").alias("l")).crossJoin(blocks.select(F.col("m").alias("r")))
+    def blocks(df: DataFrame) -> DataFrame:
+        return (df.withColumn("b", F.pmod(F.xxhash64("movieId"), F.lit(n_blocks)))
+                .groupBy("b").agg(F.collect_list(F.struct("movieId", "features", "pop")).alias("m")))
+
+    left = blocks(v if sources is None else v.join(sources.select("movieId"), "movieId", "left_semi"))
+    pairs = (left.select(F.col("m").alias("l")).crossJoin(blocks(v).select(F.col("m").alias("r")))
              .repartition(n_blocks * n_blocks))  # one block pair per task: the pairs are the work
-    out = pairs.mapInArrow(_block_top_k(k), "movieId int, similar_movieId int, similarity double")
+    out = pairs.mapInArrow(_block_top_k(k), "movieId int, similar_movieId int, similarity double, pop long")
     return _top_k(out, k)
 
 
@@ -187,8 +234,8 @@ def _vector_rows(vectors, width: int):
 
 
 def _block_top_k(k: int):
-    """exact_neighbours' mapInArrow function: rows (l, r) of two blocks' (movieId, features) ->
-    each left movie's top k right movies (itself excluded, similarity > 0)."""
+    """exact_neighbours' mapInArrow function: rows (l, r) of two blocks' (movieId, features, pop)
+    -> each left movie's top k right movies (itself excluded, similarity > 0) with their pop."""
     def run(batches):
         import numpy as np
         import pyarrow as pa
@@ -197,10 +244,13 @@ def _block_top_k(k: int):
             for i in range(batch.num_rows):
                 left, right = batch.column("l")[i].values, batch.column("r")[i].values
                 lids, lvec = left.flatten()[0].to_numpy(zero_copy_only=False), left.flatten()[1]
-                rids, rvec = right.flatten()[0].to_numpy(zero_copy_only=False), right.flatten()[1]
-                # Right movies by id, so a stable sort on similarity breaks ties by the smaller id.
-                order = np.argsort(rids, kind="stable")
-                rids = rids[order]
+                rids, rvec, rpop = right.flatten()
+                rids = rids.to_numpy(zero_copy_only=False)
+                rpop = rpop.fill_null(0).to_numpy(zero_copy_only=False)
+                # Right movies by popularity (more first), then id, so a stable sort on
+                # similarity breaks ties the same way.
+                order = np.lexsort((rids, -rpop))
+                rids, rpop = rids[order], rpop[order]
                 width = max(_vector_width(lvec), _vector_width(rvec))
                 lm, rm = _vector_rows(lvec, width), _vector_rows(rvec, width)
                 sims = np.round(lm @ rm[order].T, 6)
@@ -213,7 +263,8 @@ def _block_top_k(k: int):
                 keep = s > 0
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(lids[li[keep]], pa.int32()), pa.array(rids[ri[keep]], pa.int32()),
-                     pa.array(s[keep], pa.float64())], names=["movieId", "similar_movieId", "similarity"])
+                     pa.array(s[keep], pa.float64()), pa.array(rpop[ri[keep]], pa.int64())],
+                    names=["movieId", "similar_movieId", "similarity", "pop"])
 
     return run
 
@@ -283,7 +334,8 @@ def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, 
     both = _pairs_frame(scored)
     both = both.unionByName(both.select(F.col("similar_movieId").alias("movieId"),
                                         F.col("movieId").alias("similar_movieId"), "similarity"))
-    return _top_k(both, k)
+    pop = vectors.select(F.col("movieId").alias("similar_movieId"), _pop(vectors).alias("pop"))
+    return _top_k(both.join(pop, "similar_movieId", "left"), k)
 
 
 def neighbour_recall(approx: DataFrame, exact: DataFrame, k: int) -> float:
@@ -296,6 +348,14 @@ def neighbour_recall(approx: DataFrame, exact: DataFrame, k: int) -> float:
             .groupBy("movieId").agg(F.count(F.lit(1)).alias("h")))
     r = kth.join(hits, "movieId", "left").select(
         (F.least(F.coalesce("h", F.lit(0)), F.col("n")) / F.col("n")).alias("r")).agg(F.avg("r")).first()[0]
+    return float(r) if r is not None else float("nan")
+
+
+def franchise_recall(sims: DataFrame, pairs: DataFrame, k: int) -> float:
+    """Share of (movieId, sequelId) pairs whose sequel is among the movie's top k in `sims`
+    (similar_movies rows): does "similar movies" know a film's sequel?"""
+    hit = sims.where(F.col("rank") <= k).select("movieId", F.col("similar_movieId").alias("sequelId"), F.lit(1).alias("hit"))
+    r = pairs.join(hit, ["movieId", "sequelId"], "left").agg(F.avg(F.coalesce("hit", F.lit(0)))).first()[0]
     return float(r) if r is not None else float("nan")
 
 

@@ -34,6 +34,22 @@ class RunContext:
     # (predictions, top_n, metrics, ...) are blind appends (about 1 s cheaper per write than a
     # MERGE or replaceWhere on this machine).
     fresh: bool = False
+    # Settings chosen on validation in this run (tune.py): {"settings": {section: {key: value}},
+    # "ratings": train ratings they were chosen on, "run_id": the run that chose them}. Applied
+    # to `cfg`, and recorded beside the run's config in `runs` (key "tuned").
+    tuned: dict = field(default_factory=dict)
+    # The config the run was started with (JSON, redacted): what `runs` records and a resume
+    # compares, whatever tuning changed in `cfg` since.
+    config_json: str = ""
+
+    def apply_tuned(self, tuned: dict) -> None:
+        """Run the rest of the run with the tuned settings (a stage's, or restored on resume)."""
+        if not tuned:
+            return
+        self.tuned = tuned
+        for section, values in tuned.get("settings", {}).items():
+            updated = getattr(self.cfg, section).model_copy(update=values)
+            self.cfg = self.cfg.model_copy(update={section: updated})
 
     @property
     def serving(self) -> bool:

@@ -47,8 +47,11 @@ def _record_run(spark: SparkSession, ctx: RunContext, started: dt.datetime, stat
                 error: str | None = None) -> None:
     finished = None if status == "running" else dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     # Secrets never reach the table: the config is redacted, and so are credentials in a URI.
+    config = ctx.config_json or ctx.cfg.to_json()
+    if ctx.tuned:  # the settings chosen on validation, beside the ones the run was given
+        config = json.dumps({**json.loads(config), "tuned": ctx.tuned}, sort_keys=True)
     row = [(ctx.run_id, started.replace(tzinfo=None), finished, status,
-            redact_text(ctx.input_path) if ctx.input_path else None, ctx.cfg.to_json(), ctx.stage_seconds,
+            redact_text(ctx.input_path) if ctx.input_path else None, config, ctx.stage_seconds,
             redact_text(error) if error else None, ctx.cfg.pipeline.mode)]
     df = spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["runs"])
     if ctx.fresh and status == "running":
@@ -70,7 +73,8 @@ def _record_stage(spark: SparkSession, ctx: RunContext, name: str) -> None:
 
 # Sections of the config that may differ when a run is resumed: where Spark runs and with how
 # much memory, and where the input is read from, do not change what the stages compute.
-_RESUME_FREE = ("spark", "paths")
+# What tuning chose ("tuned") is restored from the finished stage that chose it.
+_RESUME_FREE = ("spark", "paths", "tuned")
 
 
 def _resume_state(spark: SparkSession, cfg: Config, run_id: str) -> tuple[dict, dict]:
@@ -147,7 +151,8 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
         started = row["started_at"].replace(tzinfo=dt.timezone.utc)
     if run_id and not resume:
         _check_kind(spark, cfg, run_id)
-    ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id)
+    ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id,
+                     config_json=cfg.to_json())
     log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, redact_text(str(input_path)),
              redact_text(ctx.warehouse))
     _record_run(spark, ctx, started, "running")
@@ -157,6 +162,7 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
             current = name
             if name in done:
                 ctx.stage_seconds[name], ctx.results[name] = done[name]
+                ctx.apply_tuned(ctx.results[name].get("tuned"))  # what the stage chose, for the rest
                 log.info("[%d/%d] stage %s: done earlier in this run (%.1f s); skipped on resume",
                          i, len(names), name, ctx.stage_seconds[name])
                 continue

@@ -145,9 +145,11 @@ def als_implicit_stage(ctx: RunContext) -> dict:
     """Implicit ALS, the collaborative ranking model: top-N lists without train movies."""
     from .als import fit_implicit, recommend_unseen
     from .ranker import implicit_pool
+    from .tune import choose_implicit
 
-    cfg = ctx.cfg
     train, _ = split_frames(ctx)
+    tuned = choose_implicit(ctx, train)  # may change ctx.cfg.als_implicit for the rest of the run
+    cfg = ctx.cfg
     model = fit_implicit(train, cfg.als_implicit, cfg.pipeline.seed)
     n, pool = max(cfg.evaluation.ks), implicit_pool(cfg)
     # Scoring every user against every movie is this stage's cost: the learned ranker's longer
@@ -155,7 +157,7 @@ def als_implicit_stage(ctx: RunContext) -> dict:
     # reads the rest instead of scoring everyone again (at 5M ratings that second pass was 45 s).
     recs = recommend_unseen(model, train, max(n, pool or 0))
     write_top_n(ctx, "als_implicit", recs.where(F.col("rank") <= n))
-    out = {"rank": cfg.als_implicit.rank}
+    out = {"rank": cfg.als_implicit.rank, **tuned}
     if pool:
         out["pool_path"], out["pool"] = model_path(ctx, "als_implicit_pool"), pool
         recs.write.mode("overwrite").parquet(out["pool_path"])
@@ -172,7 +174,10 @@ def content_stage(ctx: RunContext) -> dict:
 
     spark, c = ctx.spark, ctx.cfg.content
     movies = tables.read_table(spark, ctx.warehouse, "movies")
-    vectors = movie_vectors(movies, optional_table(ctx, "tags"), optional_table(ctx, "genome"), c).cache()
+    has_split = run_table(ctx, "rating_splits") is not None
+    # Ties among equal similarities go to the movie with more train ratings (never a test one).
+    pop = split_frames(ctx)[0].groupBy("movieId").agg(F.count(F.lit(1)).alias("n")) if has_split else None
+    vectors = movie_vectors(movies, optional_table(ctx, "tags"), optional_table(ctx, "genome"), c, pop).cache()
     n = vectors.count()
     empty = vectors.where(~F.col("has_content")).count()
     method = neighbour_method(c.method, n, c.exact_max_movies)
@@ -180,7 +185,7 @@ def content_stage(ctx: RunContext) -> dict:
     vectors.unpersist()
     log.info("content: %d movies (%d without any attribute: no neighbours), %s neighbours", n, empty, method)
     out = {"movies": n, "without_content": empty, "method": method}
-    if run_table(ctx, "rating_splits") is None:
+    if not has_split:
         log.info("content: no rating_splits for this run, so no content user model (run the split stage first)")
         return out
     train, test = split_frames(ctx)

@@ -21,6 +21,9 @@ TEST_OVERRIDES = {
     "spark.driver_memory": "4g",
     "spark.ui_enabled": False,
     "spark.show_progress": False,
+    # Tuning fits about ten models per run: tests/test_tune.py runs it; the other pipelines in
+    # the suite use the config's settings (CI's time budget).
+    "tune.enabled": False,
 }
 
 
@@ -54,6 +57,15 @@ def ml_small() -> Path:
     if not (ML_SMALL / "ratings.csv").is_file():
         pytest.skip(f"{ML_SMALL} not present")
     return ML_SMALL
+
+
+@pytest.fixture(scope="session")
+def ml_small_wh(spark, tmp_path_factory, ml_small):
+    """ml-latest-small ingested once per session (read-only for its users): (cfg, summary)."""
+    from movierec_spark.ingest import ingest_dataset
+
+    cfg = make_config(tmp_path_factory.mktemp("ml-small") / "wh")
+    return cfg, ingest_dataset(spark, cfg, str(ml_small), "r1")
 
 
 # The hybrid suite's pipeline: a small generated set, small models, every stage.

@@ -329,9 +329,8 @@ def test_large_file_path_gives_same_lines(spark, tmp_path):
     assert summary["ratings.csv"] == {"input": n, "loaded": n - len(bad), "rejected": len(bad), "inserted": n - len(bad), "updated": 0}
 
 
-def test_ml_latest_small_exact_counts(spark, tmp_path, ml_small):
-    cfg = make_config(tmp_path / "wh")
-    summary = ingest(spark, cfg, str(ml_small), "r1")
+def test_ml_latest_small_exact_counts(spark, ml_small_wh):
+    cfg, summary = ml_small_wh
     assert read(spark, cfg, "ratings").count() == 100_836
     assert read(spark, cfg, "movies").count() == 9_742
     assert read(spark, cfg, "tags").count() == 3_683

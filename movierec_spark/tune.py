@@ -1,0 +1,139 @@
+"""Settings chosen on validation data carved from the train part, never on a test part.
+
+A setting chosen by its score on a test split is an optimistic figure there and a guess
+everywhere else (implicit ALS's old defaults, picked on ml-latest-small's test split, reached
+nDCG@10 0.396 on another MovieLens release where rank 10 / reg 0.1 / alpha 1 reached 0.464).
+So a run picks them itself, on its own train part:
+
+- the validation fold: per user, a hash share (`tune.validation_ratio`) of their train ratings,
+  for users with at least `tune.min_user_ratings` of them (a light user keeps every rating in
+  the fit part, as the serving model would);
+- implicit ALS: each candidate setting is fitted on the rest of train and scored by nDCG@10 of
+  its top-10 unseen lists against the held-out movies (the metric the final lists are judged
+  by); a coordinate search: rank, then reg_param, then alpha, then confidence, each list tried
+  with the others held at the best so far (about ten fits, memoised, each logged with its time);
+- a later serve run on the same warehouse reuses the newest run's choice while its train part's
+  size is within `tune.reuse_max_change` of the one it was chosen on (an evaluate run always
+  chooses on its own train part: a serve run's choice saw its test ratings).
+
+The choice is recorded with the run (`runs.config`, key "tuned") and its stage result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from . import tables
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+IMPLICIT_KEYS = ("rank", "reg_param", "alpha", "confidence")
+
+
+def validation_fold(train: DataFrame, seed: int, ratio: float, min_user_ratings: int) -> tuple[DataFrame, DataFrame]:
+    """(fit, held): a hash share `ratio` of each user's train ratings held out, for users with at
+    least `min_user_ratings` train ratings; every other rating is in `fit`."""
+    from pyspark.sql import Window
+
+    from .features import hash_sample
+
+    n_u = F.count(F.lit(1)).over(Window.partitionBy("userId"))
+    marked = train.withColumn("_held", (n_u >= min_user_ratings) & hash_sample(["userId", "movieId"], seed + 7, ratio))
+    return marked.where(~F.col("_held")).drop("_held"), marked.where(F.col("_held")).drop("_held")
+
+
+def should_tune(cfg: Config, n_train: int) -> bool:
+    t = cfg.tune
+    return t.enabled is True or (t.enabled == "auto" and n_train <= t.max_ratings)
+
+
+def reusable(spark: SparkSession, warehouse: str, n_train: int, max_change: float) -> dict | None:
+    """The newest succeeded run's tuned settings when its train size is within `max_change` of
+    `n_train` (None otherwise, or when no run tuned). Reads the runs table's newest rows only."""
+    if max_change <= 0 or not tables.table_exists(spark, tables.table_path(warehouse, "runs")):
+        return None
+    rows = (tables.read_table(spark, warehouse, "runs").where("status = 'succeeded' AND config LIKE '%\"tuned\"%'")
+            .orderBy(F.col("finished_at").desc()).select("config").limit(1).collect())
+    if not rows:
+        return None
+    tuned = json.loads(rows[0]["config"]).get("tuned") or {}
+    n = tuned.get("ratings") or 0
+    if not n or abs(n_train - n) / n > max_change:
+        return None
+    return tuned
+
+
+def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[dict]]:
+    """(best, trials): implicit ALS's rank, reg_param, alpha and confidence chosen by nDCG@10 on
+    a validation fold of `train`; trials holds every setting tried with its score and seconds."""
+    from .als import fit_implicit, recommend_unseen
+    from .evaluation import ranking_metrics
+
+    t = cfg.tune
+    fit_part, held = validation_fold(train, seed, t.validation_ratio, t.min_user_ratings)
+    fit_part, held = fit_part.cache(), held.cache()
+    log.info("tune: implicit ALS on %d fit ratings, %d held out (validation fold of train)",
+             fit_part.count(), held.count())
+    scores: dict[tuple, float] = {}
+    trials: list[dict] = []
+
+    def score(setting: dict) -> float:
+        key = tuple(setting[k] for k in IMPLICIT_KEYS)
+        if key not in scores:
+            t0 = time.perf_counter()
+            model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update=setting), seed)
+            recs = recommend_unseen(model, fit_part, 10)
+            ndcg = next(v for m, k, v in ranking_metrics(recs, held, ks=(10,)) if m == "ndcg")
+            recs.unpersist()
+            scores[key] = ndcg
+            trials.append({**setting, "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)})
+            log.info("tune: implicit ALS %s: validation nDCG@10 %.4f (%.1f s)", setting, ndcg, trials[-1]["seconds"])
+        return scores[key]
+
+    best = {k: getattr(cfg.als_implicit, k) for k in IMPLICIT_KEYS}
+    grids = {"rank": t.implicit_ranks, "reg_param": t.implicit_reg_params, "alpha": t.implicit_alphas,
+             "confidence": t.implicit_confidences}
+    try:
+        best_score = score(best)
+        for key in IMPLICIT_KEYS:
+            for value in grids[key]:
+                cand = {**best, key: value}
+                s = score(cand)
+                if s > best_score:
+                    best, best_score = cand, s
+    finally:
+        fit_part.unpersist()
+        held.unpersist()
+    log.info("tune: implicit ALS chose %s (validation nDCG@10 %.4f) after %d fits", best, best_score, len(trials))
+    return best, trials
+
+
+def choose_implicit(ctx, train: DataFrame) -> dict:
+    """The als_implicit stage's tuning step: applies the chosen settings to the run (ctx.cfg)
+    and returns what the stage result records ({} when tuning is off for this run)."""
+    cfg = ctx.cfg
+    n_train = train.count()
+    if not should_tune(cfg, n_train):
+        log.info("tune: off for %d train ratings (tune.enabled=%s, max_ratings=%d): the config's settings",
+                 n_train, cfg.tune.enabled, cfg.tune.max_ratings)
+        return {}
+    # Only a serve run reuses: an evaluate run's choice must come from its own train part (a
+    # serve run's choice saw every rating, so also what an evaluate run holds out as test).
+    reused = reusable(ctx.spark, ctx.warehouse, n_train, cfg.tune.reuse_max_change) if ctx.serving else None
+    if reused and "als_implicit" in reused.get("settings", {}):
+        log.info("tune: reusing run %s's choice %s (train size %d then, %d now)", reused.get("run_id"),
+                 reused["settings"]["als_implicit"], reused.get("ratings", 0), n_train)
+        ctx.apply_tuned(reused)
+        return {"tuned": reused, "tune": {"reused_from": reused.get("run_id")}}
+    t0 = time.perf_counter()
+    best, trials = tune_implicit(train, cfg, cfg.pipeline.seed)
+    tuned = {"settings": {"als_implicit": best}, "ratings": n_train, "run_id": ctx.run_id}
+    ctx.apply_tuned(tuned)
+    return {"tuned": tuned, "tune": {"fits": len(trials), "seconds": round(time.perf_counter() - t0, 1),
+                                     "trials": trials}}

@@ -1,0 +1,92 @@
+"""Settings chosen on validation carved from train: the fold, the search, what runs record and reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from chispa import assert_df_equality
+
+from movierec_spark import tables
+from movierec_spark.config import load_config
+from movierec_spark.tune import validation_fold
+
+from .conftest import make_config
+
+# A grid of 3 distinct points (the start point is in it): the search's logic, at CI's cost.
+SMALL_GRID = dict(tune__implicit_ranks=[4, 6], tune__implicit_reg_params=[0.1], tune__implicit_alphas=[1.0],
+                  tune__implicit_confidences=["binary", "rating"], als_implicit__rank=6, als_implicit__max_iter=5,
+                  als_implicit__reg_param=0.1, als_implicit__alpha=1.0)
+
+
+def test_validation_fold_holds_out_a_share_of_each_heavy_users_ratings(spark):
+    rows = [(1, m, 4.0) for m in range(100)] + [(2, m, 3.0) for m in range(3)]
+    train = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    fit, held = validation_fold(train, 42, 0.2, 5)
+    assert_df_equality(fit.unionByName(held), train, ignore_row_order=True)
+    assert held.join(fit, ["userId", "movieId"]).isEmpty()
+    # User 2 has 3 ratings (< 5): every one stays in the fit part.
+    assert held.where("userId = 2").isEmpty()
+    assert 10 <= held.count() <= 30  # about 20 of user 1's 100
+
+
+@pytest.fixture(scope="module")
+def tuned_runs(spark, tmp_path_factory):
+    """On one warehouse: a serve run that tunes, a second serve run on the same ratings, and an
+    evaluate run."""
+    from movierec_spark.generate import generate_dataset
+    from movierec_spark.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("tune")
+    generate_dataset(root / "gen", users=50, movies=100, ratings=2_000, seed=3)
+    wh = root / "wh"
+    stages = ["ingest", "split", "als_implicit"]
+    serve = make_config(wh, tune__enabled="auto", **SMALL_GRID)
+    first = run_pipeline(spark, serve, str(root / "gen"), stages=stages, run_id="t1")
+    second = run_pipeline(spark, serve, str(root / "gen"), stages=stages[1:], run_id="t2")
+    ev = make_config(wh, tune__enabled=True, pipeline__mode="evaluate", **SMALL_GRID)
+    third = run_pipeline(spark, ev, str(root / "gen"), stages=stages[1:], run_id="t3")
+    return serve, first, second, third
+
+
+def test_a_run_records_its_choice_and_uses_it(spark, tuned_runs):
+    serve, first, _, _ = tuned_runs
+    res = first.results["als_implicit"]
+    chosen = res["tuned"]["settings"]["als_implicit"]
+    # The search: start (6, 0.1, 1.0, binary), then rank 4, then confidence rating, each list
+    # tried with the best so far: 3 distinct fits (the repeated start point is not refitted).
+    trials = res["tune"]["trials"]
+    assert {(t["rank"], t["confidence"]) for t in trials} == {(6, "binary"), (4, "binary"), (chosen["rank"], "rating")}
+    top = max(trials, key=lambda t: t["ndcg@10"])
+    assert chosen == {k: top[k] for k in ("rank", "reg_param", "alpha", "confidence")}
+    assert all(0 <= t["ndcg@10"] <= 1 and t["seconds"] >= 0 for t in trials)
+    assert res["tune"]["fits"] == 3 and res["tuned"]["run_id"] == "t1" and res["tuned"]["ratings"] == first.results["split"]["train"]
+    # The run went on with the chosen settings ...
+    assert {k: getattr(first.cfg.als_implicit, k) for k in chosen} == chosen
+    assert res["rank"] == chosen["rank"]
+    # ... and `runs` keeps both: the config it was given, and what tuning chose.
+    row = tables.read_table(spark, serve.paths.warehouse, "runs").where("run_id = 't1'").first()
+    config = json.loads(row["config"])
+    assert config["tuned"]["settings"]["als_implicit"] == chosen
+    assert config["als_implicit"]["rank"] == 6  # as given
+
+
+def test_a_later_serve_run_reuses_the_choice_and_an_evaluate_run_does_not(tuned_runs):
+    _, first, second, third = tuned_runs
+    chosen = first.results["als_implicit"]["tuned"]["settings"]["als_implicit"]
+    assert second.results["als_implicit"]["tune"] == {"reused_from": "t1"}
+    assert second.results["als_implicit"]["tuned"]["settings"]["als_implicit"] == chosen
+    assert {k: getattr(second.cfg.als_implicit, k) for k in chosen} == chosen
+    # The serve run's choice saw every rating, the evaluate run's test part too: it tunes anew
+    # on its own train part (80% of the ratings).
+    ev = third.results["als_implicit"]
+    assert "reused_from" not in ev["tune"] and ev["tune"]["fits"] == 3
+    assert ev["tuned"]["ratings"] == third.results["split"]["train"]
+
+
+def test_tune_setting_is_validated(tmp_path):
+    from movierec_spark.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "tune.enabled": "sometimes"})
+    assert load_config(None, {"paths.warehouse": str(tmp_path / "wh")}).tune.enabled == "auto"
