@@ -49,7 +49,7 @@ def title_tokens(title: str = "title"):
     """A title's franchise words: lower case, the trailing "(1995)" dropped, split on anything
     that is not a letter or digit, one-letter words, sequel markers (SEQUEL_MARKERS, numbers of
     one or two digits) and English stop words dropped, a plural "s" stripped ("Aliens" is
-    "alien"). MovieLens's "Empire Strikes Back, The" and alternative titles in parentheses
+    "alien"), plus each pair of neighbouring words. MovieLens's "Empire Strikes Back, The" and alternative titles in parentheses
     need no special case: their words are words. TF-IDF then weighs a franchise's rare name
     far above common words."""
     from pyspark.ml.feature import StopWordsRemover
@@ -59,7 +59,13 @@ def title_tokens(title: str = "title"):
     words = F.filter(F.split(t, r"[^\p{L}\p{N}]+"),
                      lambda w: (F.length(w) > 1) & ~w.isin(SEQUEL_MARKERS) & ~w.rlike(r"^\d{1,2}$")
                      & ~w.isin(stop))
-    return F.array_distinct(F.transform(words, lambda w: F.regexp_replace(w, r"^(.{2,}[^s])s$", "$1")))
+    words = F.transform(words, lambda w: F.regexp_replace(w, r"^(.{2,}[^s])s$", "$1"))
+    # Word pairs too ("star_war", "toy_story"): rarer than either word, so with IDF a shared
+    # franchise name outweighs a shared common word ("hope", "toy", "new").
+    pairs = F.when(F.size(words) > 1, F.transform(F.sequence(F.lit(1), F.size(words) - 1),
+                                                  lambda i: F.concat(words[i - 1], F.lit("_"), words[i]))
+                   ).otherwise(F.array().cast("array<string>"))
+    return F.array_distinct(F.concat(words, pairs))
 
 
 def _block(df: DataFrame, tokens: str, out: str, binary: bool, min_df: float = 1.0, idf: bool = False,
