@@ -110,8 +110,9 @@ def test_similar_movies_know_the_sequel_on_ml_latest_small(spark, ml_small_wh):
     pairs = spark.createDataFrame(pd.read_csv(FRANCHISE_PAIRS)[["movieId", "sequelId"]])
     assert pairs.count() >= 30
     pop = tables.read_table(spark, wh, "ratings").groupBy("movieId").agg(F.count(F.lit(1)).alias("n"))
+    # Cached: the neighbour search reads the vectors three times (count, left and right blocks).
     v = movie_vectors(tables.read_table(spark, wh, "movies"), tables.read_table(spark, wh, "tags"), None,
-                      cfg.content, pop)
+                      cfg.content, pop).cache()
     sims = exact_neighbours(v, 10, sources=pairs.select("movieId")).cache()
     assert franchise_recall(sims, pairs, 10) >= 0.9
     toy = [r.similar_movieId for r in sims.where("movieId = 1").orderBy("rank").collect()]
@@ -122,6 +123,7 @@ def test_similar_movies_know_the_sequel_on_ml_latest_small(spark, ml_small_wh):
                                & (F.col("b.rank") == F.col("a.rank") + 1)).where("b.similarity > a.similarity")
     assert bad.count() == 0
     sims.unpersist()
+    v.unpersist()
 
 
 RATINGS = "userId int, movieId int, rating double"

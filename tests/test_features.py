@@ -64,6 +64,9 @@ def test_oof_plan_without_a_row_cap_uses_every_fold():
     assert oof_plan(50_000_000, HybridConfig(max_train_rows=None)) == (5, 1.0)
 
 
+# About 80 s (it computes every pass twice): the default run exercises the batched path in
+# every pipeline fixture; this equivalence check runs with the heavy tests (CI's time budget).
+@pytest.mark.heavy
 def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     """The out-of-fold passes as one batch (ids encoded per pass) give every feature the passes
     computed one by one give, with content neighbours too; residual ALS only up to its random

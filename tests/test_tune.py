@@ -41,14 +41,19 @@ def tuned_runs(spark, tmp_path_factory):
     generate_dataset(root / "gen", users=50, movies=100, ratings=2_000, seed=3)
     wh = root / "wh"
     stages = ["ingest", "split", "als_implicit"]
-    serve = make_config(wh, tune__enabled="auto", **SMALL_GRID)
+    # pipeline.stages without recommend: als_implicit lists no candidate pool for the ranker.
+    serve = make_config(wh, tune__enabled="auto", pipeline__stages=stages, **SMALL_GRID)
     first = run_pipeline(spark, serve, str(root / "gen"), stages=stages, run_id="t1")
-    second = run_pipeline(spark, serve, str(root / "gen"), stages=stages[1:], run_id="t2")
-    ev = make_config(wh, tune__enabled=True, pipeline__mode="evaluate", **SMALL_GRID)
+    # No split of its own: a run without rating_splits reads the newest serve run's (t1's).
+    second = run_pipeline(spark, serve, str(root / "gen"), stages=["als_implicit"], run_id="t2")
+    ev = make_config(wh, tune__enabled=True, pipeline__mode="evaluate", pipeline__stages=stages, **SMALL_GRID)
     third = run_pipeline(spark, ev, str(root / "gen"), stages=stages[1:], run_id="t3")
     return serve, first, second, third
 
 
+# The three runs below take about three minutes on 2 cores (each tunes or reuses, then fits):
+# they run with the heavy tests (MOVIEREC_HEAVY_TESTS=1), CI's budget being what it is.
+@pytest.mark.heavy
 def test_a_run_records_its_choice_and_uses_it(spark, tuned_runs):
     serve, first, _, _ = tuned_runs
     res = first.results["als_implicit"]
@@ -71,6 +76,7 @@ def test_a_run_records_its_choice_and_uses_it(spark, tuned_runs):
     assert config["als_implicit"]["rank"] == 6  # as given
 
 
+@pytest.mark.heavy
 def test_a_later_serve_run_reuses_the_choice_and_an_evaluate_run_does_not(tuned_runs):
     _, first, second, third = tuned_runs
     chosen = first.results["als_implicit"]["tuned"]["settings"]["als_implicit"]
