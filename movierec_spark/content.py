@@ -49,9 +49,9 @@ def title_tokens(title: str = "title"):
     """A title's franchise words: lower case, the trailing "(1995)" dropped, split on anything
     that is not a letter or digit, one-letter words, sequel markers (SEQUEL_MARKERS, numbers of
     one or two digits) and English stop words dropped, a plural "s" stripped ("Aliens" is
-    "alien"), plus each pair of neighbouring words. MovieLens's "Empire Strikes Back, The" and alternative titles in parentheses
-    need no special case: their words are words. TF-IDF then weighs a franchise's rare name
-    far above common words."""
+    "alien"), plus each pair of neighbouring words. MovieLens's "Empire Strikes Back, The" and
+    alternative titles in parentheses need no special case: their words are words. TF-IDF then
+    weighs a franchise's rare name far above common words."""
     from pyspark.ml.feature import StopWordsRemover
 
     stop = StopWordsRemover.loadDefaultStopWords("english")
