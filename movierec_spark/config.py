@@ -240,9 +240,26 @@ class HybridConfig(Section):
     # aggregate); 100/100 keeps the self-joins to a few million pairs.
     cap_per_movie: int | None = 100
     cap_per_user: int | None = 100
-    # MLlib GBTRegressor.
-    max_iter: int = 80
-    max_depth: int = 5
+    # Shrinkage of the kNN-baseline features (sum sim x residual / (sum sim + knn_shrink)) and of
+    # the rating-day residual (sum residual / (day_n + day_shrink)): a neighbour or a same-day
+    # rating or two pulls little. Set by hand, not tuned.
+    knn_shrink: float = Field(1.0, ge=0)
+    day_shrink: float = Field(2.0, ge=0)
+    # Feature columns or groups (knn, day, time, implicit: tables.FEATURE_GROUPS) the GBT leaves
+    # out. Chosen by backward elimination on the hybrid's validation rows of an ml-latest-small
+    # random 80/20 run (benchmarks/feature_ablation.py, results/feature-ablation-ml-latest-small.md):
+    # with every group, validation RMSE 0.8236; without knn 0.8209 (the residual ALS and smr1-5
+    # already carry it); then without implicit 0.8202; leaving out day or time instead raised it.
+    # An excluded group's columns are 0 in the features table (implicit is then not fitted at all).
+    exclude_features: list[str] = Field(default_factory=lambda: ["knn", "implicit"])
+    # MLlib GBTRegressor. Trees and depth chosen on the hybrid's validation rows of an
+    # ml-latest-small random 80/20 run, with the features above (benchmarks/gbt_settings.py,
+    # results/gbt-settings-ml-latest-small.md): validation RMSE 80x5 0.8202 (the old default,
+    # picked on a test split), 150x5 0.8184, 80x6 0.8232, 150x6 0.8241, 250x5 0.8184, 150x4
+    # 0.8171, 250x4 0.8167, 150x3 0.8192. 150x4: the smallest within 0.001 of the best, at half
+    # 250x4's fit time.
+    max_iter: int = 150
+    max_depth: int = 4
     step_size: float = 0.1
     subsample: float = 0.8
     min_instances_per_node: int = 20

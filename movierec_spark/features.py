@@ -17,6 +17,14 @@ Features (the article's names where it has them):
 - content: the content kNN prediction; content_sim: the summed content similarity of the
   movie to the user's rated movies (how close it is to the user's profile).
 - genre_aff: the user's mean centred rating over movies sharing the movie's genres.
+- knn_item, knn_user (+ _n counts): kNN-baseline predictions, the baseline plus the
+  similarity-weighted residuals of the same neighbour ratings smr and sur draw from (every listed
+  neighbour, shrunk by hybrid.knn_shrink).
+- day_res, day_n: the user's mean baseline residual over their ratings of the pair's rating day
+  (shrunk by hybrid.day_shrink) and their count; u_days, u_tdev: days since the user's first
+  rating and from their mean rating time; m_age: years since the movie's release when rated.
+- implicit: implicit ALS's score of the pair (which movies the user chose to rate).
+The GBT takes these less hybrid.exclude_features (hybrid.model_features).
 
 Scale: neighbour similarities come from sparse co-rating self-joins, never a dense all-pairs
 product. The self-join emits sum(n^2) pairs per join key, so each key's rows are capped
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig
+from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig, ImplicitAlsConfig
 from .tables import CSMR, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
 
 log = logging.getLogger(__name__)
@@ -195,19 +203,29 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
             .select("p", F.col("e").alias(entity), "nb", "sim", "rank"))
 
 
-def _top_ratings(joined: DataFrame, prefix: str, n_col: str) -> DataFrame:
-    """joined: userId, movieId, sim, r -> userId, movieId, prefix1..5 (most similar first), n_col."""
+def _top_ratings(joined: DataFrame, prefix: str, n_col: str, knn: str, shrink: float) -> DataFrame:
+    """joined: userId, movieId, sim, r, res -> userId, movieId, prefix1..5 (most similar first),
+    n_col, and from the same rows the kNN-baseline residual `_knn` (sum of sim x residual over
+    every listed neighbour, divided by their summed sim + `shrink`) with `knn`_n, their count."""
     top = F.slice(F.sort_array(F.collect_list(F.struct((-F.col("sim")).alias("k"), F.col("r"))), True), 1, NB)
-    agg = joined.groupBy("userId", "movieId").agg(top.alias("_t"))
+    agg = joined.groupBy("userId", "movieId").agg(
+        top.alias("_t"), (F.sum(F.col("sim") * F.col("res")) / (F.sum("sim") + F.lit(shrink))).alias(f"_{knn}"),
+        F.count(F.lit(1)).alias(f"{knn}_n"))
     return agg.select("userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"{prefix}{i + 1}") for i in range(NB)],
-                      F.size("_t").alias(n_col))
+                      F.size("_t").alias(n_col), f"_{knn}", f"{knn}_n")
 
 
 def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: DataFrame | None,
                   base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
-                  seed: int, lo: float = 0.5, hi: float = 5.0, user_nb: DataFrame | None = None,
-                  movie_nb: DataFrame | None = None, als_model=None, mean=None) -> DataFrame:
-    """Features of `pairs` (userId, movieId[, rating]) from the ratings in `fit` only.
+                  seed: int, lo: float = 0.5, hi: float = 5.0, implicit_cfg: ImplicitAlsConfig | None = None,
+                  user_nb: DataFrame | None = None, movie_nb: DataFrame | None = None, als_model=None,
+                  mean=None) -> DataFrame:
+    """Features of `pairs` (userId, movieId[, rating][, rated_at]) from the ratings in `fit` only.
+
+    With `rated_at` in `fit`, the time features (day_res, day_n, u_days, u_tdev, m_age) are
+    computed at each pair's `rated_at` (a pair without one, a served candidate: at the user's
+    latest rating in `fit`, as if rated in their latest session); without, they are 0 (m_age -1).
+    `implicit_cfg`: implicit ALS fitted on `fit` scores each pair (`implicit`; None: 0).
 
     `user_nb` / `movie_nb` (userId or movieId, nb, sim, rank): the neighbour lists of `fit`
     when the caller computed them already (fold_neighbours, for every pass at once);
@@ -217,13 +235,19 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     from .als import fit_explicit, predict_explicit
     from .baselines import fit_bias
 
-    fit = fit.select("userId", "movieId", "rating").cache()
+    timed = "rated_at" in fit.columns
+    fit = fit.select("userId", "movieId", "rating", *(["rated_at"] if timed else [])).cache()
     g = F.lit(fit.agg(F.avg("rating")).first()[0]) if mean is None else mean
     ustats = fit.groupBy("userId").agg(F.avg("rating").alias("UAvg"), F.count(F.lit(1)).alias("u_n"),
                                        F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("u_std")).cache()
     mstats = fit.groupBy("movieId").agg(F.avg("rating").alias("MAvg"), F.count(F.lit(1)).alias("m_n"),
                                         F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("m_std")).cache()
     keys = pairs.select("userId", "movieId")
+    bias = fit_bias(fit, base_cfg, lo, hi, mean)
+    # Every rating of `fit` with its residual from the bias baseline: the kNN baselines (user
+    # and movie neighbours, content neighbours) and the rating day average these.
+    resid = bias.predict(fit).select("userId", "movieId", *(["rated_at"] if timed else []), F.col("rating").alias("r"),
+                                     (F.col("rating") - F.col("baseline")).alias("res")).cache()
 
     # Neighbour ratings. User-user: centred by the user's mean; movie-movie: by the movie's mean
     # (adjusted per item, so a generous rater does not make every movie look alike).
@@ -232,19 +256,16 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     unb = user_nb if user_nb is not None else cosine_neighbours(
         cu, "userId", "movieId", cfg.neighbours, cfg.min_common, cfg.cap_per_movie, seed)
     sur = _top_ratings(
-        keys.join(unb, "userId").join(fit.select(F.col("userId").alias("nb"), "movieId", F.col("rating").alias("r")),
-                                      ["nb", "movieId"]),
-        "sur", "n_sur")
+        keys.join(unb, "userId").join(resid.select(F.col("userId").alias("nb"), "movieId", "r", "res"), ["nb", "movieId"]),
+        "sur", "n_sur", "knn_user", cfg.knn_shrink)
     cm = fit.join(mstats.select("movieId", "MAvg"), "movieId").select(
         "userId", "movieId", (F.col("rating") - F.col("MAvg")).alias("c"))
     mnb = movie_nb if movie_nb is not None else cosine_neighbours(
         cm, "movieId", "userId", cfg.neighbours, cfg.min_common, cfg.cap_per_user, seed)
     smr = _top_ratings(
-        keys.join(mnb, "movieId").join(fit.select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r")),
-                                       ["userId", "nb"]),
-        "smr", "n_smr")
+        keys.join(mnb, "movieId").join(resid.select("userId", F.col("movieId").alias("nb"), "r", "res"), ["userId", "nb"]),
+        "smr", "n_smr", "knn_item", cfg.knn_shrink)
 
-    bias = fit_bias(fit, base_cfg, lo, hi, mean)
     model = als_model if als_model is not None else fit_explicit(fit, bias, als_cfg, seed)
     als = predict_explicit(model, bias, keys, True, lo, hi).select("userId", "movieId", F.col("prediction").alias("als"))
     feats = (bias.predict(keys).withColumnRenamed("baseline", "baseline")
@@ -255,14 +276,13 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         # One join of the pairs with their content neighbours the user rated feeds three
         # features: csmr (nearest user_neighbours, ratings), content_sim (their summed
         # similarity) and the content kNN prediction (every listed neighbour, residuals).
-        resid = bias.predict(fit).select("userId", F.col("movieId").alias("nb"), F.col("rating").alias("r"),
-                                         (F.col("rating") - F.col("baseline")).alias("res"))
+        cres = resid.select("userId", F.col("movieId").alias("nb"), "r", "res")
         cnb = sims.select("movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"),
                           (F.col("rank") <= content_cfg.user_neighbours).alias("near"))
         near = F.col("near")
         top = F.slice(F.sort_array(F.filter(F.collect_list(F.struct(near.alias("n"), (-F.col("sim")).alias("k"), "r")),
                                             lambda x: x["n"]), True), 1, NB)
-        cagg = (keys.join(cnb, "movieId").join(resid, ["userId", "nb"]).groupBy("userId", "movieId")
+        cagg = (keys.join(cnb, "movieId").join(cres, ["userId", "nb"]).groupBy("userId", "movieId")
                 .agg(top.alias("_t"), F.sum(F.when(near, F.col("sim"))).alias("content_sim"),
                      F.sum(F.col("sim") * F.col("res")).alias("_num"), F.sum("sim").alias("_den")))
         cfeat = cagg.select(
@@ -283,6 +303,38 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         F.avg("aff").alias("genre_aff"))
     feats = feats.join(gaff, ["userId", "movieId"], "left")
 
+    # Time (Koren's temporal effects, as features): the user's mean residual on the pair's
+    # rating day over their other ratings that day (a mood or a session's scale) and how many
+    # there are; days since the user's first rating and from their mean rating time (drift);
+    # the movie's age in years when rated.
+    if timed:
+        ts = F.unix_timestamp("rated_at")
+        day = resid.groupBy("userId", F.to_date("rated_at").alias("_d")).agg(F.sum("res").alias("_ds"),
+                                                                             F.count(F.lit(1)).alias("day_n"))
+        ut = fit.groupBy("userId").agg(F.min(ts).alias("_t0"), F.avg(ts).alias("_tm"), F.max("rated_at").alias("_tl"))
+        at = F.col("rated_at") if "rated_at" in pairs.columns else F.lit(None).cast("timestamp")
+        year = F.col("year") if "year" in movies.columns else F.lit(None).cast("int")
+        tfeat = (pairs.select("userId", "movieId", at.alias("_at")).join(ut, "userId", "left")
+                 .withColumn("_t", F.coalesce("_at", "_tl")).withColumn("_d", F.to_date("_t"))
+                 .join(day, ["userId", "_d"], "left").join(movies.select("movieId", year.alias("_y")), "movieId", "left")
+                 .select("userId", "movieId", (F.col("_ds") / (F.col("day_n") + F.lit(cfg.day_shrink))).alias("day_res"),
+                         "day_n", ((F.unix_timestamp("_t") - F.col("_t0")) / 86400.0).alias("u_days"),
+                         ((F.unix_timestamp("_t") - F.col("_tm")) / 86400.0).alias("u_tdev"),
+                         (F.year("_t") - F.col("_y")).cast("double").alias("m_age")))
+        feats = feats.join(tfeat, ["userId", "movieId"], "left")
+    else:
+        feats = feats.select("*", *[F.lit(None).cast("double").alias(c) for c in ("day_res", "day_n", "u_days",
+                                                                                   "u_tdev", "m_age")])
+    # Which movies the user chose to rate (SVD++'s implicit feedback): implicit ALS's score of
+    # the pair, fitted on `fit`'s ratings only.
+    if implicit_cfg is not None:
+        from .als import fit_implicit
+        imodel = fit_implicit(fit, implicit_cfg, seed)
+        feats = feats.join(imodel.transform(keys).select("userId", "movieId", F.col("prediction").alias("implicit")),
+                           ["userId", "movieId"], "left")
+    else:
+        feats = feats.withColumn("implicit", F.lit(None).cast("double"))
+
     # The article's fills: a missing neighbour's rating is the movie's (sur) or the user's (smr)
     # average; unknown users or movies get the global average.
     uavg = F.coalesce(F.col("UAvg"), g)
@@ -298,13 +350,21 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         F.coalesce("n_csmr", F.lit(0)).cast("double").alias("n_csmr"),
         "baseline", F.coalesce("als", "baseline").alias("als"), F.coalesce("content", "baseline").alias("content"),
         F.coalesce("content_sim", F.lit(0.0)).alias("content_sim"), F.coalesce("genre_aff", F.lit(0.0)).alias("genre_aff"),
+        F.least(F.greatest(F.col("baseline") + F.coalesce("_knn_item", F.lit(0.0)), F.lit(lo)), F.lit(hi)).alias("knn_item"),
+        F.coalesce("knn_item_n", F.lit(0)).cast("double").alias("knn_item_n"),
+        F.least(F.greatest(F.col("baseline") + F.coalesce("_knn_user", F.lit(0.0)), F.lit(lo)), F.lit(hi)).alias("knn_user"),
+        F.coalesce("knn_user_n", F.lit(0)).cast("double").alias("knn_user_n"),
+        *[F.coalesce(F.col(c).cast("double"), F.lit(0.0)).alias(c) for c in ("day_res", "day_n", "u_days", "u_tdev")],
+        F.coalesce("m_age", F.lit(-1.0)).alias("m_age"),
+        # MLlib scores an unknown user or movie NaN (coldStartStrategy nan).
+        F.nanvl(F.coalesce("implicit", F.lit(0.0)), F.lit(0.0)).cast("double").alias("implicit"),
     )
     label = pairs.select("userId", "movieId", F.col("rating").alias("label")) if "rating" in pairs.columns else None
     if label is not None:
         out = out.join(label, ["userId", "movieId"])
     result = out.cache()
     result.count()
-    for df in (fit, ustats, mstats):
+    for df in (fit, ustats, mstats, resid):
         df.unpersist()
     bias.unpersist()
     return result
@@ -340,6 +400,8 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
     a pass from the whole train part: served pairs are featurised from every rating, never a fold.
     """
     folded = with_folds(train, seed, h.folds)
+    # The pairs' rating times ride along (the time features); a candidate has none.
+    kcols = ["userId", "movieId"] + (["rated_at"] if "rated_at" in train.columns else [])
     n_oof, frac = oof_plan(n_train, h)
     keep = F.lit(True) if frac >= 1.0 else gbt_sample(seed, frac)
     if frac < 1.0:
@@ -353,22 +415,23 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
     pairs = test.withColumn("split", F.lit("test"))
     if cands is not None:
         pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
-                                               F.lit("candidate").alias("split")))
+                                               F.lit("candidate").alias("split"),
+                                               *[F.lit(None).cast("timestamp").alias(c) for c in kcols[2:]]))
     names = ("test", "candidate") if cands is not None else ("test",)
     passes = []
     for f in range(n_oof):
         rows = folded.where((F.col("fold") == f) & keep)
         shared = f == 0 and test_mode == "fold"
-        keys = rows.select("userId", "movieId")
+        keys = rows.select(*kcols)
         if shared:
-            keys = keys.unionByName(pairs.select("userId", "movieId")).distinct()
+            keys = keys.unionByName(pairs.select(*kcols)).distinct()
         labels = [("train", rows, f)] + ([(n, pairs.where(F.col("split") == n), -1) for n in names] if shared else [])
         what = f"fold {f + 1}/{n_oof} (train rows of this fold{' and the test rows' if shared else ''}, " \
                f"from the other {h.folds - 1} folds)"
         passes.append(FeaturePass(what, folded.where(F.col("fold") != f), keys, labels, f))
     if test_mode == "full":
         passes.append(FeaturePass(f"test rows{' and candidates' if cands is not None else ''}, from the whole train part",
-                                  train, pairs.select("userId", "movieId").distinct(),
+                                  train, pairs.select(*kcols).distinct(),
                                   [(n, pairs.where(F.col("split") == n), -1) for n in names]))
     return passes, {"oof_folds": n_oof, "oof_fraction": round(frac, 4), "test_features": test_mode}
 
@@ -406,18 +469,21 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
         return (F.col(col).cast("long") * n + F.col("p")).cast("int")
 
     # A rating is in every pass that does not leave its fold out (the whole-train pass: all).
+    times = ["rated_at"] if "rated_at" in folded.columns else []
     fit = folded.join(F.broadcast(pid), F.col("out").isNull() | (F.col("fold") != F.col("out"))).select(
-        enc("userId").alias("userId"), enc("movieId").alias("movieId"), "rating")
+        enc("userId").alias("userId"), enc("movieId").alias("movieId"), "rating", *times)
     keys = None
     for i, q in enumerate(passes):
-        k = q.keys.withColumn("p", F.lit(i)).select(enc("userId").alias("userId"), enc("movieId").alias("movieId"))
+        k = q.keys.withColumn("p", F.lit(i)).select(enc("userId").alias("userId"), enc("movieId").alias("movieId"),
+                                                    *[c for c in times if c in q.keys.columns])
         keys = k if keys is None else keys.unionByName(k)
     # One row per pass: each pass's own global mean, looked up per row from the encoded id.
     by_pass = {r.p: r.mu for r in fit.groupBy(F.pmod("userId", F.lit(n)).alias("p"))
                .agg(F.avg("rating").alias("mu")).collect()}
     mean = F.element_at(F.array(*[F.lit(float(by_pass.get(i, float("nan")))) for i in range(n)]),
                         (F.pmod("userId", F.lit(n)) + 1).cast("int"))
-    e_movies = movies.crossJoin(F.broadcast(pid.select("p"))).select(enc("movieId").alias("movieId"), "genres")
+    e_movies = movies.crossJoin(F.broadcast(pid.select("p"))).select(
+        enc("movieId").alias("movieId"), "genres", *[c for c in ("year",) if c in movies.columns])
     e_sims = None if sims is None else sims.crossJoin(F.broadcast(pid.select("p"))).select(
         enc("movieId").alias("movieId"), enc("similar_movieId").alias("similar_movieId"), "similarity", "rank")
     e_unb = user_nb.select(enc("userId").alias("userId"), enc("nb").alias("nb"), "sim", "rank")

@@ -17,8 +17,23 @@ from pyspark.sql import functions as F
 
 from .config import HybridConfig
 from .features import FEATURES, gbt_input, gbt_sample
+from .tables import FEATURE_GROUPS
 
 log = logging.getLogger(__name__)
+
+
+def model_features(cfg: HybridConfig) -> list[str]:
+    """The feature columns the GBT takes: FEATURES less `exclude_features` (columns or groups)."""
+    out = set()
+    for name in cfg.exclude_features:
+        if name in FEATURE_GROUPS:
+            out.update(FEATURE_GROUPS[name])
+        elif name in FEATURES:
+            out.add(name)
+        else:
+            raise ValueError(f"hybrid.exclude_features: unknown feature or group {name!r} (groups: "
+                             f"{', '.join(FEATURE_GROUPS)}; columns: the features table's)")
+    return [f for f in FEATURES if f not in out]
 
 
 def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple[PipelineModel, list[tuple[str, float]], int]:
@@ -49,9 +64,10 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple
         else:
             gbt = gbt.setValidationIndicatorCol("is_val").setParams(validationTol=cfg.validation_tol)
     data = gbt_input(data).cache()
-    model = Pipeline(stages=[VectorAssembler(inputCols=FEATURES, outputCol="x", handleInvalid="keep"), gbt]).fit(data)
+    cols = model_features(cfg)
+    model = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="x", handleInvalid="keep"), gbt]).fit(data)
     imp = model.stages[-1].featureImportances.toArray()
-    ranked = sorted(zip(FEATURES, imp.tolist()), key=lambda t: -t[1])
+    ranked = sorted(zip(cols, imp.tolist()), key=lambda t: -t[1])
     trees = model.stages[-1].getNumTrees
     log.info("hybrid: %d of at most %d trees", trees, cfg.max_iter)
     data.unpersist()

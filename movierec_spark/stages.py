@@ -208,12 +208,17 @@ def features_stage(ctx: RunContext) -> dict:
     """Hybrid features: train rows out-of-fold, test rows (and a serve run's candidates) from the
     whole train part."""
     from .features import compute_passes, labelled_rows, plan_passes, with_folds
+    from .hybrid import model_features
 
     cfg, spark = ctx.cfg, ctx.spark
     h = cfg.hybrid
     if h.folds < 2:
         raise ValueError(f"hybrid.folds must be >= 2 (got {h.folds}): out-of-fold features need a held-out fold")
-    train, test = split_frames(ctx)
+    split_frames(ctx)  # its clear error when the run has no split
+    # With their rating times (the time features), cached for the stage's passes.
+    splits = run_table(ctx, "rating_splits")
+    train, test = [splits.where(F.col("split") == s).select("userId", "movieId", "rating", "rated_at").cache()
+                   for s in ("train", "test")]
     sims = run_table(ctx, "similar_movies")
     if sims is None:
         log.info("features: no similar_movies (content stage not run): content features are filled")
@@ -221,13 +226,15 @@ def features_stage(ctx: RunContext) -> dict:
     cands = _candidates(ctx) if h.ranker == "hybrid" or ctx.serving else None
     passes, out = plan_passes(train, test, cands, h, cfg.pipeline.seed, train.count(), whole_fit=ctx.serving)
     args = (tables.read_table(spark, ctx.warehouse, "movies"), sims, cfg.baseline, cfg.als, cfg.content, h,
-            cfg.pipeline.seed, *rating_scale(ctx))
+            cfg.pipeline.seed, *rating_scale(ctx),
+            # Implicit ALS's score costs an ALS fit per pass: only when the GBT takes it.
+            cfg.als_implicit if "implicit" in model_features(h) else None)
     folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
                              batched=h.batched_passes)
     write_run_table(ctx, "features", labelled_rows(passes, results))
-    for df in results:
+    for df in results + [train, test]:
         df.unpersist()
     out.update({r["split"]: r["count"] for r in run_table(ctx, "features").groupBy("split").count().collect()})
     return out

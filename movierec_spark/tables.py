@@ -90,7 +90,20 @@ SUR = [f"sur{i}" for i in range(1, NB + 1)]
 SMR = [f"smr{i}" for i in range(1, NB + 1)]
 CSMR = [f"csmr{i}" for i in range(1, NB + 1)]
 FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n_sur"] + SMR + ["n_smr"]
-            + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"])
+            + CSMR + ["n_csmr", "baseline", "als", "content", "content_sim", "genre_aff"]
+            # Issue 23's groups (features.py says what each is): kNN baselines, the rating day,
+            # time, and implicit ALS's score of the pair. New columns: tables written before
+            # them get them added (null) on their next write.
+            + ["knn_item", "knn_item_n", "knn_user", "knn_user_n", "day_res", "day_n", "u_days", "u_tdev", "m_age",
+               "implicit"])
+# The hybrid's feature groups (benchmarks/feature_ablation.py leaves each out in turn;
+# hybrid.exclude_features takes these names or single columns).
+FEATURE_GROUPS = {
+    "knn": ["knn_item", "knn_item_n", "knn_user", "knn_user_n"],
+    "day": ["day_res", "day_n"],
+    "time": ["u_days", "u_tdev", "m_age"],
+    "implicit": ["implicit"],
+}
 
 
 def _features_schema() -> T.StructType:

@@ -24,6 +24,10 @@ TEST_OVERRIDES = {
     # Tuning fits about ten models per run: tests/test_tune.py runs it; the other pipelines in
     # the suite use the config's settings (CI's time budget).
     "tune.enabled": False,
+    # The GBT's size of before (80 trees of depth 5, not 150 of depth 4): every tree level is a
+    # Spark job, and the suite's runs check behaviour, not RMSE (CI's time budget).
+    "hybrid.max_iter": 80,
+    "hybrid.max_depth": 5,
 }
 
 

@@ -122,3 +122,67 @@ def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     assert 0.9 * mae(one) < mae(many) < 1.1 * mae(one)
     for df in one + many:
         df.unpersist()
+
+
+def test_time_knn_and_implicit_features_of_a_pair(spark):
+    # Issue 23's feature groups on a hand-checkable fit: the rating-day residual averages the
+    # user's other ratings of the pair's day (shrunk), u_days / u_tdev / m_age come from the
+    # pair's rated_at, a candidate without one is featurised at the user's latest rating, and
+    # implicit ALS scores known pairs (0 for an unknown user).
+    from datetime import datetime
+
+    from pyspark.sql import functions as F
+
+    from movierec_spark.baselines import fit_bias
+    from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig, ImplicitAlsConfig
+    from movierec_spark.features import pair_features
+
+    d1, d2, d3 = datetime(2001, 1, 1, 10), datetime(2001, 1, 11, 10), datetime(2001, 1, 21, 10)
+    rows = []
+    for u in range(1, 9):
+        for m in range(1, 9):
+            if (u + m) % 3:
+                rows.append((u, m, float(1 + (u * m) % 5), d1 if m <= 3 else (d2 if m <= 6 else d3)))
+    fit = spark.createDataFrame(rows, "userId int, movieId int, rating double, rated_at timestamp")
+    movies = spark.createDataFrame([(m, ["Drama"], 1990 + m) for m in range(1, 10)],
+                                   "movieId int, genres array<string>, year int")
+    pairs = spark.createDataFrame([(1, 2, 4.0, d2), (2, 1, None, None), (99, 1, 3.0, d1)],
+                                  "userId int, movieId int, rating double, rated_at timestamp")
+    base, h = BaselineConfig(), HybridConfig(neighbours=5, min_common=1, cap_per_movie=None, cap_per_user=None)
+    got = {(r.userId, r.movieId): r for r in pair_features(
+        fit, pairs, movies, None, base, AlsConfig(rank=2, max_iter=3), ContentConfig(), h, 42, 0.5, 5.0,
+        ImplicitAlsConfig(rank=2, max_iter=3)).collect()}
+
+    res = fit_bias(fit, base).predict(fit).withColumn("res", F.col("rating") - F.col("baseline"))
+    day2 = res.where((F.col("userId") == 1) & (F.col("rated_at") == d2)).agg(F.sum("res"), F.count("*")).first()
+    r = got[(1, 2)]
+    assert r.day_n == day2[1] == 2  # movies 4 and 6 (user 1 has no rating of movie 5)
+    assert r.day_res == pytest.approx(day2[0] / (day2[1] + h.day_shrink), abs=1e-9)
+    assert r.u_days == pytest.approx(10.0)  # user 1's first rating is on d1
+    ts = [t for u, _, _, t in rows if u == 1]
+    mean_t = sum(t.timestamp() for t in ts) / len(ts)
+    assert r.u_tdev == pytest.approx((d2.timestamp() - mean_t) / 86400.0, abs=1e-6)
+    assert r.m_age == 2001 - 1992
+    assert r.implicit != 0.0
+    # knn_item_n: user 1's rated movies among movie 2's neighbour list (at most 5).
+    assert 1 <= r.knn_item_n <= 5 and 0.5 <= r.knn_item <= 5.0
+    # No rated_at: the user's latest rating (d3) is the time.
+    c = got[(2, 1)]
+    assert c.u_days == pytest.approx(20.0) and c.m_age == 2001 - 1991
+    assert c.day_n == sum(1 for u, _, _, t in rows if u == 2 and t == d3)
+    # A user the fit never saw: zeros, not NaN (the GBT refuses NaN).
+    z = got[(99, 1)]
+    assert (z.implicit, z.day_n, z.day_res, z.u_days, z.knn_user_n) == (0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_exclude_features_takes_groups_and_columns_and_refuses_unknown_names():
+    from movierec_spark.hybrid import model_features
+    from movierec_spark.tables import FEATURE_GROUPS, FEATURES
+
+    assert model_features(HybridConfig(exclude_features=[])) == FEATURES
+    kept = model_features(HybridConfig(exclude_features=["knn", "m_age"]))
+    assert "m_age" not in kept and not set(FEATURE_GROUPS["knn"]) & set(kept) and "day_res" in kept
+    # The default: the groups the validation ablation dropped.
+    assert not {"implicit", "knn_item"} & set(model_features(HybridConfig()))
+    with pytest.raises(ValueError, match="unknown feature or group 'nope'"):
+        model_features(HybridConfig(exclude_features=["nope"]))

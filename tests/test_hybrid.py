@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 
 from movierec_spark import tables
 from movierec_spark.features import FEATURES
+from movierec_spark.hybrid import model_features
 
 
 
@@ -28,7 +29,9 @@ def test_every_test_pair_gets_a_hybrid_prediction(hybrid_run):
     assert tf.count() == train.count() and tf.select("userId", "movieId").distinct().count() == train.count()
     assert feats.where(" OR ".join(f"isnan({c}) OR {c} IS NULL" for c in FEATURES)).count() == 0
     imp = {r.feature: r.importance for r in tables.read_table(spark, wh, "feature_importances").where("run_id = 'hy'").collect()}
-    assert set(imp) == set(FEATURES) and math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
+    # One importance per column the GBT took: FEATURES less hybrid.exclude_features.
+    assert set(imp) == set(model_features(cfg.hybrid)) and math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
+    assert "day_res" in imp and "knn_item" not in imp
 
 
 def test_recommendations_contract(serve_run):

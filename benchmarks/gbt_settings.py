@@ -1,0 +1,64 @@
+"""How the hybrid GBT's size (hybrid.max_iter, max_depth) is chosen: fits on one run's
+out-of-fold features, scored on the hybrid's validation rows only (never on a test part).
+
+    python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6]
+
+WH is a warehouse an evaluate or serve run wrote `features` into. Each grid point (trees x
+depth, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
+the out-of-fold rows less the validation share, and scored on that share; it prints validation
+RMSE / MAE and seconds per point, and the point with the lowest validation RMSE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pyspark.sql import functions as F
+
+from movierec_spark import tables
+from movierec_spark.config import load_config
+from movierec_spark.evaluation import rating_metrics
+from movierec_spark.features import hash_sample
+from movierec_spark.hybrid import fit_hybrid, predict_hybrid
+from movierec_spark.session import build_spark
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--warehouse", required=True)
+    ap.add_argument("--run", help="run id (default: the latest succeeded run)")
+    ap.add_argument("--grid", default="80x5,150x5,80x6,150x6", help="trees x depth points")
+    args = ap.parse_args()
+    cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
+    spark = build_spark(cfg, app_name="movierec-gbt-settings")
+    try:
+        wh = cfg.paths.warehouse
+        run = args.run or (tables.read_table(spark, wh, "runs").where("status = 'succeeded'")
+                           .orderBy(F.col("started_at").desc()).first().run_id)
+        h, seed = cfg.hybrid, cfg.pipeline.seed
+        lo, hi = (float(v) for v in tables.read_table(spark, wh, "ratings").agg(F.min("rating"), F.max("rating")).first())
+        rows = (tables.read_table(spark, wh, "features").where((F.col("run_id") == run) & (F.col("split") == "train"))
+                .drop("run_id").withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
+                .cache())
+        got = []
+        print(f"run {run}: validation = {h.validation_fraction:.0%} of the out-of-fold train rows")
+        print("| trees | depth | validation RMSE | validation MAE | seconds |\n|---|---|---|---|---|")
+        for point in args.grid.split(","):
+            trees, depth = (int(v) for v in point.split("x"))
+            t0 = time.perf_counter()
+            model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth}), seed)
+            val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
+            got.append((val["rmse"], trees, depth))
+            print(f"| {trees} | {depth} | {val['rmse']:.4f} | {val['mae']:.4f} | {time.perf_counter() - t0:.0f} |",
+                  flush=True)
+        best = min(got)
+        print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]} ({best[0]:.4f})")
+    finally:
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
