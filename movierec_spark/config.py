@@ -250,7 +250,9 @@ class HybridConfig(Section):
     # random 80/20 run (benchmarks/feature_ablation.py, results/feature-ablation-ml-latest-small.md):
     # with every group, validation RMSE 0.8236; without knn 0.8209 (the residual ALS and smr1-5
     # already carry it); then without implicit 0.8202; leaving out day or time instead raised it.
-    # An excluded group's columns are 0 in the features table (implicit is then not fitted at all).
+    # Excluded columns are still computed into the features table (knn, day and time come from
+    # joins the other features make anyway), except implicit: with it excluded, no implicit ALS
+    # is fitted and its column is 0.
     exclude_features: list[str] = Field(default_factory=lambda: ["knn", "implicit"])
     # MLlib GBTRegressor. Trees and depth chosen on the hybrid's validation rows of an
     # ml-latest-small random 80/20 run, with the features above (benchmarks/gbt_settings.py,

@@ -164,8 +164,17 @@ def test_time_knn_and_implicit_features_of_a_pair(spark):
     assert r.u_tdev == pytest.approx((d2.timestamp() - mean_t) / 86400.0, abs=1e-6)
     assert r.m_age == 2001 - 1992
     assert r.implicit != 0.0
-    # knn_item_n: user 1's rated movies among movie 2's neighbour list (at most 5).
-    assert 1 <= r.knn_item_n <= 5 and 0.5 <= r.knn_item <= 5.0
+    # knn_item: the baseline plus sim-weighted residuals of user 1's ratings of movie 2's listed
+    # neighbours (cosine_neighbours, tested above, on movie-centred ratings), shrunk.
+    cm = fit.join(fit.groupBy("movieId").agg(F.avg("rating").alias("ma")), "movieId").select(
+        "userId", "movieId", (F.col("rating") - F.col("ma")).alias("c"))
+    nbs = {x.nb: x.sim for x in cosine_neighbours(cm, "movieId", "userId", 5, 1, None, 42).where("movieId = 2").collect()}
+    rated = {x.movieId: x.res for x in res.where("userId = 1").collect()}
+    used = [m for m in nbs if m in rated]
+    base12 = fit_bias(fit, base).predict(pairs.where("userId = 1")).first().baseline
+    assert r.knn_item_n == len(used) >= 1
+    assert r.knn_item == pytest.approx(
+        base12 + sum(nbs[m] * rated[m] for m in used) / (sum(nbs[m] for m in used) + h.knn_shrink), abs=1e-9)
     # No rated_at: the user's latest rating (d3) is the time.
     c = got[(2, 1)]
     assert c.u_days == pytest.approx(20.0) and c.m_age == 2001 - 1991
