@@ -43,6 +43,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig, ImplicitAlsConfig
+from .session import materialize, release
 from .tables import CSMR, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
 
 log = logging.getLogger(__name__)
@@ -362,8 +363,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     label = pairs.select("userId", "movieId", F.col("rating").alias("label")) if "rating" in pairs.columns else None
     if label is not None:
         out = out.join(label, ["userId", "movieId"])
-    result = out.cache()
-    result.count()
+    result = materialize(out)
     for df in (fit, ustats, mstats, resid):
         df.unpersist()
     bias.unpersist()
@@ -489,20 +489,20 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
     e_unb = user_nb.select(enc("userId").alias("userId"), enc("nb").alias("nb"), "sim", "rank")
     e_mnb = movie_nb.select(enc("movieId").alias("movieId"), enc("nb").alias("nb"), "sim", "rank")
     feats = pair_features(fit, keys, e_movies, e_sims, *args[2:], user_nb=e_unb, movie_nb=e_mnb, mean=mean)
-    # Back to the real ids, with the pass each row belongs to (cached and counted, as
+    # Back to the real ids, with the pass each row belongs to (materialized, as
     # pair_features' own result is).
     out = feats.select(F.floor(F.col("userId") / n).cast("int").alias("userId"),
                        F.floor(F.col("movieId") / n).cast("int").alias("movieId"),
                        F.pmod("userId", F.lit(n)).cast("int").alias(PASS),
-                       *[c for c in feats.columns if c not in ("userId", "movieId")]).cache()
-    out.count()
-    feats.unpersist()
+                       *[c for c in feats.columns if c not in ("userId", "movieId")])
+    out = materialize(out)
+    release(feats)
     return out
 
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
                    folded: DataFrame | None = None, whole_als=None, batched: bool = True) -> list[DataFrame]:
-    """pair_features of every pass (each result cached and counted: unpersist them once
+    """pair_features of every pass (each result materialized: `release` them once
     written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
 
     `folded` (train with `fold`, see with_folds): with two passes or more, the passes' user and
@@ -560,7 +560,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
             return list(pool.map(inheritable_thread_target(spark)(run_pass), range(len(passes))))
     finally:
-        for df in nbs:  # every pass's result is cached and counted by now
+        for df in nbs:  # every pass's result is materialized by now
             df.unpersist()
 
 

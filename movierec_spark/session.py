@@ -124,6 +124,8 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         "spark.sql.legacy.codingErrorAction": "true",
         # Spark's UI, event log and error messages hide the same keys our logs and tables do.
         "spark.redaction.regex": SECRET_KEY_PATTERN,
+        # Checkpoint files (materialize on a cluster, ALS's) are deleted once Spark drops them.
+        "spark.cleaner.referenceTracking.cleanCheckpoints": "true",
     }
     if not is_uri(cfg.paths.warehouse):
         settings["spark.sql.warehouse.dir"] = str(Path(cfg.paths.warehouse) / "_spark_sql")
@@ -200,6 +202,33 @@ def build_spark(cfg: Config, app_name: str | None = None) -> SparkSession:
         submitted,
     )
     return spark
+
+
+def materialize(df):
+    """`df` computed now, as a frame whose plan is its result: a checkpoint, not a cache.
+
+    A cached frame keeps its whole plan, and every query built on it plans (and looks up in the
+    cache) that plan again. The features stage's results carry plans of thousands of nodes:
+    on ml-latest-small, writing them spent 14 s of driver time with no job running, and the
+    stage took 92.8 s with cached results against 70.6 s with checkpointed ones. In local mode
+    the checkpoint is kept in the block manager (memory, spilling to disk); on a cluster it is
+    written to the checkpoint directory, so losing an executor does not lose it. Give it back
+    with `release`."""
+    if df.sparkSession.sparkContext.master.startswith("local"):
+        return df.localCheckpoint(eager=True)
+    return df.checkpoint(eager=True)
+
+
+def release(df) -> None:
+    """Unpersist `df`, and the blocks of the checkpoint behind it when it came from
+    `materialize` (a checkpointed frame has no cache entry for unpersist() to drop)."""
+    df.unpersist()
+    try:
+        plan = df._jdf.queryExecution().logical()
+        if plan.nodeName() == "LogicalRDD":
+            plan.rdd().unpersist(False)
+    except Exception as e:  # a plan without the JVM handles: nothing of ours is held
+        log.debug("release: %s", e)
 
 
 def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:

@@ -234,8 +234,10 @@ def features_stage(ctx: RunContext) -> dict:
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
                              batched=h.batched_passes)
     write_run_table(ctx, "features", labelled_rows(passes, results))
+    from .session import release
+
     for df in results + [train, test]:
-        df.unpersist()
+        release(df)
     out.update({r["split"]: r["count"] for r in run_table(ctx, "features").groupBy("split").count().collect()})
     return out
 
