@@ -1,10 +1,10 @@
 """How the hybrid GBT's size (hybrid.max_iter, max_depth) is chosen: fits on one run's
 out-of-fold features, scored on the hybrid's validation rows only (never on a test part).
 
-    python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6]
+    python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6,75x4@0.2]
 
 WH is a warehouse an evaluate or serve run wrote `features` into. Each grid point (trees x
-depth, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
+depth, @ the step size when given, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
 the out-of-fold rows less the validation share, and scored on that share; it prints validation
 RMSE / MAE and seconds per point, and the point with the lowest validation RMSE.
 """
@@ -29,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warehouse", required=True)
     ap.add_argument("--run", help="run id (default: the latest succeeded run)")
-    ap.add_argument("--grid", default="80x5,150x5,80x6,150x6", help="trees x depth points")
+    ap.add_argument("--grid", default="80x5,150x5,80x6,150x6", help="trees x depth[@step] points")
     args = ap.parse_args()
     cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-gbt-settings")
@@ -44,17 +44,20 @@ def main() -> int:
                 .cache())
         got = []
         print(f"run {run}: validation = {h.validation_fraction:.0%} of the out-of-fold train rows")
-        print("| trees | depth | validation RMSE | validation MAE | seconds |\n|---|---|---|---|---|")
+        print("| trees | depth | step | validation RMSE | validation MAE | seconds |\n|---|---|---|---|---|---|")
         for point in args.grid.split(","):
-            trees, depth = (int(v) for v in point.split("x"))
+            size, _, step = point.partition("@")
+            trees, depth = (int(v) for v in size.split("x"))
+            step = float(step) if step else h.step_size
             t0 = time.perf_counter()
-            model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth}), seed)
+            model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth,
+                                                                "step_size": step}), seed)
             val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
-            got.append((val["rmse"], trees, depth))
-            print(f"| {trees} | {depth} | {val['rmse']:.4f} | {val['mae']:.4f} | {time.perf_counter() - t0:.0f} |",
-                  flush=True)
+            got.append((val["rmse"], trees, depth, step))
+            print(f"| {trees} | {depth} | {step:g} | {val['rmse']:.4f} | {val['mae']:.4f} | "
+                  f"{time.perf_counter() - t0:.0f} |", flush=True)
         best = min(got)
-        print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]} ({best[0]:.4f})")
+        print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]}, step {best[3]:g} ({best[0]:.4f})")
     finally:
         spark.stop()
     return 0

@@ -219,9 +219,12 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     lists = lists.cache()
     nb = cached_item_neighbours(rest, h, seed)
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
-    # Cached: the fit reads it, and the validation users' lists and held-out movies read it
-    # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage).
-    feats = feats.cache()
+    # Materialized: the fit reads it, and the validation users' lists and held-out movies read it
+    # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage);
+    # a checkpoint, not a cache, so the queries on it do not plan its lineage again.
+    from .session import materialize, release
+
+    feats = materialize(feats)
     labelled = (feats.join(held.select("userId", "movieId", F.lit(1.0).alias("label")), ["userId", "movieId"], "left")
                 .fillna({"label": 0.0}))
     val_share = h.ranker_validation_users
@@ -239,7 +242,7 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
                                             relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
     for df in (feats, rest, lists, nb, *inner):
         if df is not None:
-            df.unpersist()
+            release(df)
     return model, validation
 
 

@@ -282,6 +282,7 @@ def recommend_stage(ctx: RunContext) -> dict:
     hybrid's rating). A serve run writes them to `recommendations`, each with the hybrid's
     predicted rating; an evaluate run to top_n (model 'hybrid'), for the evaluate stage."""
     from .recommend import final_lists
+    from .session import materialize, release
 
     cfg = ctx.cfg
     n, n_eval = cfg.evaluation.top_n, max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
@@ -292,7 +293,9 @@ def recommend_stage(ctx: RunContext) -> dict:
         scored, lists = _hybrid_scores(ctx)
     if validation:
         write_validation(ctx, "hybrid", validation, ranking=True)
-    ranked = final_lists(scored, lists, cfg.hybrid.candidate_models, n_eval).cache()
+    # Materialized (a checkpoint): the counts and the write below read it, and it no longer
+    # hangs on this run's top_n rows, which the evaluate run's write replaces.
+    ranked = materialize(final_lists(scored, lists, cfg.hybrid.candidate_models, n_eval))
     out = {"users": ranked.select("userId").distinct().count(),
            "users_short_of_n": ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()}
     if validation:
@@ -303,9 +306,8 @@ def recommend_stage(ctx: RunContext) -> dict:
         # Written last: `ranked` descends from this run's top_n rows, and a write to top_n makes
         # Spark drop every cache that reads it (at 5M ratings, 115 s of recomputing the scoring).
         write_top_n(ctx, "hybrid", ranked)
-    ranked.unpersist()
-    for df in cached:
-        df.unpersist()
+    for df in [ranked, *cached]:
+        release(df)
     return out
 
 
@@ -363,7 +365,9 @@ def _learned_scores(ctx: RunContext):
         ext = ext.select(F.lit("als_implicit").alias("model"), "userId", "rank", "movieId", "score",
                          F.lit(None).cast("int").alias("because_movieId"))
         lists = lists.where(F.col("model") != "als_implicit").select(*ext.columns).unionByName(ext)
-    lists = lists.cache()
+    from .session import materialize
+
+    lists = materialize(lists)
     nb = cached_item_neighbours(train, h, seed)
     cached += [df for df in (lists, nb) if df is not None]
     scored = serving_scores(model, lists, train, times, nb, implicit, cfg)
