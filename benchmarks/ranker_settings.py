@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
@@ -26,9 +25,6 @@ from movierec_spark import tables
 from movierec_spark.config import load_config
 from movierec_spark.ranker import train_ranker
 from movierec_spark.session import build_spark
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,7 +10,7 @@ part is read: a hash share of each user's train ratings (tune.validation_ratio, 
 least tune.min_user_ratings, as the implicit ALS search holds out) is the validation fold, the
 rest is fitted. First a grid of (item_reg, user_reg) for the bias baseline, then, on the best
 baseline's residuals, a grid of ALS rank x reg_param (max_iter as configured). Each point's
-validation RMSE and seconds are printed and written to --out (markdown). No test rating is read.
+validation RMSE and seconds are printed (and appended to --out, markdown). No test rating is read.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
@@ -30,14 +29,12 @@ from movierec_spark.evaluation import rating_metrics
 from movierec_spark.session import build_spark
 from movierec_spark.tune import validation_fold
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warehouse", required=True)
     ap.add_argument("--run", help="evaluate run id (default: the latest succeeded evaluate run)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tune-defaults-ml-latest-small.md"))
+    ap.add_argument("--out", help="append the tables to this markdown file")
     ap.add_argument("--item-regs", default="2,5,10,25")
     ap.add_argument("--user-regs", default="1,3,5,10")
     ap.add_argument("--als-ranks", default="8,12,20,32")
@@ -93,8 +90,9 @@ def main() -> int:
         say(f"\nLowest: rank {best[1]}, reg_param {best[2]:g} ({best[0]:.4f}).")
     finally:
         spark.stop()
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
     return 0
 
 

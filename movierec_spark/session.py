@@ -213,7 +213,8 @@ def materialize(df):
     stage took 92.8 s with cached results against 70.6 s with checkpointed ones. In local mode
     the checkpoint is kept in the block manager (memory, spilling to disk); on a cluster it is
     written to the checkpoint directory, so losing an executor does not lose it. Give it back
-    with `release`."""
+    with `release` (a cluster's checkpoint files are deleted by Spark's cleaner once the frame
+    is garbage-collected: spark.cleaner.referenceTracking.cleanCheckpoints)."""
     if df.sparkSession.sparkContext.master.startswith("local"):
         return df.localCheckpoint(eager=True)
     return df.checkpoint(eager=True)
@@ -227,8 +228,8 @@ def release(df) -> None:
         plan = df._jdf.queryExecution().logical()
         if plan.nodeName() == "LogicalRDD":
             plan.rdd().unpersist(False)
-    except Exception as e:  # a plan without the JVM handles: nothing of ours is held
-        log.debug("release: %s", e)
+    except Exception as e:  # e.g. no JVM handles (Spark Connect): the blocks stay until Spark's cleaner
+        log.warning("release: could not free a materialized frame's blocks: %s", e)
 
 
 def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:

@@ -236,7 +236,9 @@ def features_stage(ctx: RunContext) -> dict:
     write_run_table(ctx, "features", labelled_rows(passes, results))
     from .session import release
 
-    for df in results + [train, test]:
+    # Once each: a batched result stands for every out-of-fold pass (a second release of its
+    # checkpoint makes the block manager warn about blocks already gone).
+    for df in {id(d): d for d in results + [train, test]}.values():
         release(df)
     out.update({r["split"]: r["count"] for r in run_table(ctx, "features").groupBy("split").count().collect()})
     return out
