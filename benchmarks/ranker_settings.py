@@ -19,6 +19,7 @@ import json
 import sys
 import time
 
+from lines import Lines  # benchmarks/lines.py (the script's own directory)
 from pyspark.sql import functions as F
 
 from movierec_spark import tables
@@ -36,11 +37,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-ranker-settings")
-    lines: list[str] = []
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = Lines(args.out)
 
     try:
         wh = cfg.paths.warehouse
@@ -77,9 +74,7 @@ def main() -> int:
         say(f"\nHighest validation nDCG@10: pool {best[1]}, depth {best[2]}, {best[3]} trees ({best[0]:.4f}).")
     finally:
         spark.stop()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
+    say.save()
     return 0
 
 

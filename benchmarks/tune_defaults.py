@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 
+from lines import Lines  # benchmarks/lines.py (the script's own directory)
 from pyspark.sql import functions as F
 
 from movierec_spark import tables
@@ -44,11 +45,7 @@ def main() -> int:
     bias_grid = [(i, u) for i in floats(args.item_regs) for u in floats(args.user_regs)]
     cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-tune-defaults")
-    lines: list[str] = []
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = Lines(args.out)
 
     try:
         wh, seed, t = cfg.paths.warehouse, cfg.pipeline.seed, cfg.tune
@@ -90,9 +87,7 @@ def main() -> int:
         say(f"\nLowest: rank {best[1]}, reg_param {best[2]:g} ({best[0]:.4f}).")
     finally:
         spark.stop()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
+    say.save()
     return 0
 
 

@@ -43,7 +43,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig, ImplicitAlsConfig
-from .session import materialize, release
+from .session import materialize
 from .tables import CSMR, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
                   base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
                   seed: int, lo: float = 0.5, hi: float = 5.0, implicit_cfg: ImplicitAlsConfig | None = None,
                   user_nb: DataFrame | None = None, movie_nb: DataFrame | None = None, als_model=None,
-                  mean=None) -> DataFrame:
+                  mean=None, finish=None) -> DataFrame:
     """Features of `pairs` (userId, movieId[, rating][, rated_at]) from the ratings in `fit` only.
 
     With `rated_at` in `fit`, the time features (day_res, day_n, u_days, u_tdev, m_age) are
@@ -232,7 +232,9 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     when the caller computed them already (fold_neighbours, for every pass at once);
     `als_model`: the residual ALS model of `fit` when one was fitted already (the als stage's,
     for the whole-train pass); `mean`: a per-row Column of the global mean, for a `fit` that
-    holds several independent fits (batched_pass_features), instead of `fit`'s mean."""
+    holds several independent fits (batched_pass_features), instead of `fit`'s mean; `finish`: a
+    DataFrame -> DataFrame step applied to the features before they are materialized (the
+    batched passes' id decoding), so the result is materialized once."""
     from .als import fit_explicit, predict_explicit
     from .baselines import fit_bias
 
@@ -363,7 +365,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     label = pairs.select("userId", "movieId", F.col("rating").alias("label")) if "rating" in pairs.columns else None
     if label is not None:
         out = out.join(label, ["userId", "movieId"])
-    result = materialize(out)
+    result = materialize(finish(out) if finish is not None else out)
     for df in (fit, ustats, mstats, resid):
         df.unpersist()
     bias.unpersist()
@@ -488,16 +490,16 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
         enc("movieId").alias("movieId"), enc("similar_movieId").alias("similar_movieId"), "similarity", "rank")
     e_unb = user_nb.select(enc("userId").alias("userId"), enc("nb").alias("nb"), "sim", "rank")
     e_mnb = movie_nb.select(enc("movieId").alias("movieId"), enc("nb").alias("nb"), "sim", "rank")
-    feats = pair_features(fit, keys, e_movies, e_sims, *args[2:], user_nb=e_unb, movie_nb=e_mnb, mean=mean)
-    # Back to the real ids, with the pass each row belongs to (materialized, as
-    # pair_features' own result is).
-    out = feats.select(F.floor(F.col("userId") / n).cast("int").alias("userId"),
-                       F.floor(F.col("movieId") / n).cast("int").alias("movieId"),
-                       F.pmod("userId", F.lit(n)).cast("int").alias(PASS),
-                       *[c for c in feats.columns if c not in ("userId", "movieId")])
-    out = materialize(out)
-    release(feats)
-    return out
+    def decode(feats: DataFrame) -> DataFrame:
+        """Back to the real ids, with the pass each row belongs to."""
+        return feats.select(F.floor(F.col("userId") / n).cast("int").alias("userId"),
+                            F.floor(F.col("movieId") / n).cast("int").alias("movieId"),
+                            F.pmod("userId", F.lit(n)).cast("int").alias(PASS),
+                            *[c for c in feats.columns if c not in ("userId", "movieId")])
+
+    # Decoded before pair_features materializes its result: one copy, not two.
+    return pair_features(fit, keys, e_movies, e_sims, *args[2:], user_nb=e_unb, movie_nb=e_mnb, mean=mean,
+                         finish=decode)
 
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,

@@ -156,3 +156,19 @@ def test_content_predict_by_hand(spark):
     # 3 + (0.5 * (4-3) + 0.25 * (2-3)) / (0.75 + 1); movie 9 has no rated neighbour: baseline.
     assert got[1][0] == pytest.approx(3 + 0.25 / 1.75) and got[1][1] == 2
     assert got[9] == (3.0, 0)
+
+
+def test_exact_neighbours_take_dense_and_sparse_vectors_alike(spark):
+    # The genome block makes stored vectors dense; tags and genres leave them sparse. The block
+    # product reads the left block as a sparse matrix of the stored entries and the right one
+    # dense: both storage kinds must give the same cosines.
+    from pyspark.ml.linalg import Vectors
+
+    s = 1 / math.sqrt(2)
+    rows = [(1, Vectors.dense([s, s, 0.0]), True, 5), (2, Vectors.sparse(3, [0], [1.0]), True, 3),
+            (3, Vectors.sparse(3, [1, 2], [s, s]), True, 1), (4, Vectors.dense([0.0, 0.0, 1.0]), True, 1)]
+    v = spark.createDataFrame(rows, ["movieId", "features", "has_content", "pop"])
+    got = {(r.movieId, r.similar_movieId): r.similarity for r in exact_neighbours(v, 3).collect()}
+    assert got == {(1, 2): pytest.approx(s, abs=1e-6), (1, 3): pytest.approx(0.5, abs=1e-6),
+                   (2, 1): pytest.approx(s, abs=1e-6), (3, 4): pytest.approx(s, abs=1e-6),
+                   (3, 1): pytest.approx(0.5, abs=1e-6), (4, 3): pytest.approx(s, abs=1e-6)}

@@ -377,3 +377,22 @@ def test_exact_neighbours_across_blocks_match_numpy_with_ties_by_id(spark):
     assert [r.similar_movieId for r in got.where("movieId = 115 AND rank <= 3").orderBy("rank").collect()] == \
         [118, 121, 124]
     assert exact_neighbours(vectors.limit(0), k).isEmpty()
+
+
+def test_materialize_keeps_the_rows_cuts_the_plan_and_release_frees_the_blocks(spark):
+    from pyspark.sql import functions as F
+
+    from movierec_spark.session import materialize, release
+
+    df = spark.range(100).withColumn("x", F.col("id") * 2).groupBy((F.col("id") % 7).alias("k")).agg(F.sum("x").alias("s"))
+    before = {r.k: r.s for r in df.collect()}
+    m = materialize(df)
+    assert {r.k: r.s for r in m.collect()} == before
+    plan = m._jdf.queryExecution().logical()
+    assert plan.nodeName() == "LogicalRDD"  # the lineage is gone: queries on it plan one node
+    rdd_id = plan.rdd().id()
+    held = lambda: rdd_id in {int(i) for i in spark.sparkContext._jsc.getPersistentRDDs().keySet()}  # noqa: E731
+    assert held()
+    release(m)
+    assert not held()
+    release(m)  # twice is harmless
