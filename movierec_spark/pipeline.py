@@ -98,11 +98,16 @@ def _resume_state(spark: SparkSession, cfg: Config, run_id: str) -> tuple[dict, 
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise PipelineError(f"cannot resume run {run_id}: its config differs in {diff}; "
                             "resume with the config it started with, or start a new run")
+    return row.asDict(), _recorded_stages(spark, wh, run_id)
+
+
+def _recorded_stages(spark: SparkSession, wh: str, run_id: str) -> dict:
+    """{stage: (seconds, result)} of the run's finished stages (one small row each)."""
     done = {}
     if tables.table_exists(spark, tables.table_path(wh, "run_stages")):
         for r in tables.read_table(spark, wh, "run_stages").where(F.col("run_id") == run_id).collect():
             done[r["stage"]] = (r["seconds"], json.loads(r["result"] or "{}"))
-    return row.asDict(), done
+    return done
 
 
 def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
@@ -153,6 +158,14 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
         _check_kind(spark, cfg, run_id)
     ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id,
                      config_json=cfg.to_json())
+    if run_id and not resume:
+        # A rerun of some stages under an existing id: the other stages' recorded results (the
+        # settings tuning chose, the saved models' paths) carry over, as on resume; without
+        # them a rerun recommend stage refitted implicit ALS at the untuned settings.
+        for name, (secs, result) in _recorded_stages(spark, cfg.paths.warehouse, ctx.run_id).items():
+            if name not in names:
+                ctx.results[name] = result
+                ctx.apply_tuned(result.get("tuned"))
     log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, redact_text(str(input_path)),
              redact_text(ctx.warehouse))
     _record_run(spark, ctx, started, "running")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from chispa import assert_df_equality
@@ -87,6 +88,20 @@ def test_a_later_serve_run_reuses_the_choice_and_an_evaluate_run_does_not(tuned_
     ev = third.results["als_implicit"]
     assert "reused_from" not in ev["tune"] and ev["tune"]["fits"] == 3
     assert ev["tuned"]["ratings"] == third.results["split"]["train"]
+
+
+def test_a_rerun_of_some_stages_keeps_the_choice_its_run_made(spark, tuned_runs):
+    from movierec_spark.pipeline import run_pipeline
+
+    serve, _, _, third = tuned_runs
+    chosen = third.results["als_implicit"]["tuned"]["settings"]["als_implicit"]
+    ev = make_config(Path(serve.paths.warehouse), tune__enabled=True, pipeline__mode="evaluate",
+                     pipeline__stages=["split", "als_implicit"], **SMALL_GRID)
+    # Rerunning the split under t3's id: the later stages (a recommend stage, say) would run
+    # with what t3's als_implicit stage chose, and find its saved model, not refit the config's.
+    again = run_pipeline(spark, ev, None, stages=["split"], run_id="t3")
+    assert {k: getattr(again.cfg.als_implicit, k) for k in chosen} == chosen
+    assert again.results["als_implicit"]["model_path"] == third.results["als_implicit"]["model_path"]
 
 
 def test_tune_setting_is_validated(tmp_path):
