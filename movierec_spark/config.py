@@ -112,9 +112,13 @@ class DemoConfig(Section):
 
 
 class SplitConfig(Section):
-    # random | stratified (per user) | temporal_global | temporal_user (last n per user)
-    method: Literal["random", "stratified", "temporal_global", "temporal_user"] = "random"
+    # random | stratified (per user) | temporal_global | temporal_user (last n per user) |
+    # cold_users (a hash share `cold_ratio` of users keep their `cold_keep` earliest ratings in
+    # train, the rest of theirs is test; every other user is all train: new-user evaluation)
+    method: Literal["random", "stratified", "temporal_global", "temporal_user", "cold_users"] = "random"
     test_ratio: float = Field(0.2, gt=0, lt=1)
+    cold_ratio: float = Field(0.2, gt=0, lt=1)
+    cold_keep: int = Field(3, ge=1)
     # temporal_global: ISO date/time; when unset, the (1 - test_ratio) quantile of rated_at.
     cutoff: str | None = None
     last_n: int = 1
@@ -312,6 +316,37 @@ class EvaluationConfig(Section):
     # Test items that count as relevant for ranking metrics; null = every held-out item.
     relevance_threshold: float | None = None
     top_n: int = Field(10, ge=1)
+    # Evaluate runs: the final lists re-ranked by MMR at each of these lambdas as well (model
+    # "hybrid_mmr<lambda>" in metrics; the top max(ks) re-ordered, so @max(ks) is unchanged):
+    # the accuracy / diversity trade-off in one run. [] = off.
+    diversity_sweep: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
+
+
+class RecommendConfig(Section):
+    """The final lists beyond the learned ranker (recommend.py)."""
+    # New users: a user with at most this many train ratings (0: off) gets a blend of popularity,
+    # popularity among the ratings made within `new_user_window_days` of their latest rating, and
+    # content neighbours of what they liked (reciprocal-rank fusion, weights 1 / 1 /
+    # new_user_content_weight), moving to the ranker's order as history grows: the ranker's
+    # share is n / (new_user_max_ratings + 1). Chosen on simulated new users carved from a train
+    # part (benchmarks/cold_start.py; no test rating read): popularity 0.4231 nDCG@10 there,
+    # popularity when active (180 days) 0.4738, both 0.4869, content alone 0.0466, with content
+    # at 1/4 0.4853 (content at weight 1 halved it: 0.2794).
+    new_user_max_ratings: int = Field(5, ge=0)
+    new_user_window_days: int = Field(180, ge=1)
+    new_user_content_weight: float = Field(0.25, ge=0)
+    # Diversity on request: each final list re-ranked by maximal marginal relevance over content
+    # similarity (recommend.mmr_rerank), lambda in [0, 1]; 0 = the ranker's order, unchanged.
+    # The re-rank chooses among the top diversity_pool x n ranked candidates, and a movie more
+    # similar than near_duplicate to the previous pick waits while another is left.
+    diversity: float = Field(0.0, ge=0, le=1)
+    diversity_pool: int = Field(2, ge=1)
+    near_duplicate: float = Field(0.9, gt=0, le=1)
+    # New movies: how many of the n positions may go to movies nobody has rated (in train) from
+    # the user's content list ("because you liked X"); 0 = never (the ranker alone cannot place
+    # a movie without ratings). Off by default: on a test split such a slot is mostly a miss,
+    # so it is a product choice (discovery), not an accuracy one.
+    new_movie_slots: int = Field(0, ge=0)
 
 
 class TuneConfig(Section):
@@ -357,6 +392,7 @@ class Config(Section):
     content: ContentConfig = Field(default_factory=ContentConfig)
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     # Where the file came from, for messages and relative paths; not a user setting.

@@ -31,6 +31,7 @@ RANKING_PLOTTED = (("precision", "Precision@k"), ("recall", "Recall@k"), ("ndcg"
 MAX_K = 20
 MAX_RUNS = 30
 MAX_FEATURES = 30
+MMR_PREFIX = "hybrid_mmr"  # metrics' model names of the final lists' MMR re-ranks
 
 
 @dataclass
@@ -146,7 +147,8 @@ def plot_ranking(plt, run: str | None, rows: list[dict], missing: str | None, sp
     if not series:
         s.note = f"run {run} has no precision/recall/nDCG at k <= {MAX_K} (no ranking model was evaluated)"
         return s
-    models = _model_order(m for _, m in series)
+    # The MMR re-ranks of the final lists have their own plot (plot_diversity).
+    models = _model_order(m for _, m in series if not m.startswith(MMR_PREFIX))
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
     fig, axes = plt.subplots(1, len(RANKING_PLOTTED), figsize=(12, 3.8))
     for ax, (metric, label) in zip(axes, RANKING_PLOTTED):
@@ -167,6 +169,98 @@ def plot_ranking(plt, run: str | None, rows: list[dict], missing: str | None, sp
                  + f"Evaluated at k = {', '.join(map(str, ks))}. Higher is better."
                  + (" (Only these k were evaluated: set evaluation.ks to 1..20 for full curves.)"
                     if len(ks) < MAX_K else ""))
+    return s
+
+
+def plot_diversity(plt, run: str | None, rows: list[dict], missing: str | None, split: str | None = "test") -> Section:
+    """Accuracy against diversity: the final lists (lambda 0) and their MMR re-ranks
+    (evaluation.diversity_sweep), one point per lambda, nDCG@10 against intra-list diversity@10."""
+    s = Section("diversity_tradeoff", "Accuracy against diversity (MMR re-rank)" + _split_tag(split))
+    if missing:
+        s.note = missing
+        return s
+    vals = {(r["model"], r["metric"]): r["value"] for r in rows if r["k"] == 10 and r["value"] is not None}
+    pts = []
+    for m in {m for m, _ in vals}:
+        lam = 0.0 if m == "hybrid" else float(m[len(MMR_PREFIX):]) if m.startswith(MMR_PREFIX) else None
+        if lam is not None and (m, "ndcg") in vals and (m, "diversity") in vals:
+            pts.append((lam, vals[(m, "diversity")], vals[(m, "ndcg")], vals.get((m, "coverage"))))
+    if len(pts) < 2:
+        s.note = (f"run {run} has no MMR re-ranks of its final lists: an evaluate run with "
+                  "evaluation.diversity_sweep (e.g. [0.1, 0.2, 0.3, 0.5]) measures the trade-off")
+        return s
+    pts.sort()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", color="C3")
+    for lam, x, y, cov in pts:
+        ax.annotate(f"\u03bb={lam:g}" + (f" (cov {cov:.3f})" if cov is not None else ""), (x, y),
+                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("intra-list diversity@10 (1 - mean content similarity)")
+    ax.set_ylabel("nDCG@10")
+    ax.set_title(f"Final lists re-ranked by MMR - run {run}{_split_tag(split)}")
+    s.png = _png(fig)
+    s.caption = ("One point per lambda (recommend.diversity): 0 is the ranker's order; larger lambdas trade "
+                 "nDCG@10 for lists that are less alike. Coverage@10 in brackets.")
+    return s
+
+
+HISTORY_BUCKETS = ((1, 5, "1-5"), (6, 20, "6-20"), (21, 100, "21-100"), (101, None, "> 100"))
+
+
+def plot_sources(plt, warehouse: str) -> Section:
+    """Who is served by what: per user-history bucket (train ratings in the serve run), the
+    share of the latest serve run's recommendation rows from each source."""
+    s = Section("sources_by_history", "Who is served by what: sources of the final lists")
+    if not (q.table_exists(warehouse, "recommendations") and q.table_exists(warehouse, "rating_splits")):
+        s.note = "no recommendations (or rating_splits) table: run a serve run (`movierec run`) first"
+        return s
+    from .query_io import _lit, run_sql
+
+    recs = q.open_table(warehouse, "recommendations")
+    hist = q.run_history(warehouse) or []
+    present = {r["run_id"] for r in q.rows_of(run_sql(recs, "SELECT DISTINCT run_id FROM t"))}
+    serve = [h["run_id"] for h in hist if h["run_id"] in present and h.get("status") == "succeeded"]
+    if not serve:
+        s.note = "no succeeded serve run has recommendations"
+        return s
+    run = serve[-1]
+    by_src = q.rows_of(run_sql(recs, 'SELECT "userId", source, count(*) AS c FROM t '
+                                     f'WHERE run_id = {_lit(run)} GROUP BY "userId", source'))
+    n_u = {r["userId"]: r["n"] for r in q.rows_of(run_sql(
+        q.open_table(warehouse, "rating_splits"),
+        f"SELECT \"userId\", count(*) AS n FROM t WHERE run_id = {_lit(run)} AND split = 'train' "
+        'GROUP BY "userId"'))}
+    shares: dict[str, dict[str, int]] = {label: {} for *_, label in HISTORY_BUCKETS}
+    for r in by_src:
+        n = n_u.get(r["userId"], 0)
+        label = next((lb for lo, hi, lb in HISTORY_BUCKETS if n >= lo and (hi is None or n <= hi)), None)
+        if label is not None:  # users with no train rating (popular_cold) have no history bucket
+            shares[label][r["source"]] = shares[label].get(r["source"], 0) + r["c"]
+    labels = [lb for *_, lb in HISTORY_BUCKETS]
+    sources = sorted({src for d in shares.values() for src in d})
+    if not sources:
+        s.note = f"serve run {run} has no recommendation rows for users with train ratings"
+        return s
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(labels)
+    for i, src in enumerate(sources):
+        ys = [shares[lb].get(src, 0) / max(1, sum(shares[lb].values())) for lb in labels]
+        ax.bar(labels, ys, bottom=bottom, label=src, color=f"C{i % 10}")
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xlabel("user's train ratings")
+    ax.set_ylabel("share of final rows")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Source of each served row, by history - serve run {run}")
+    s.png = _png(fig)
+    users = {lb: 0 for lb in labels}
+    for n in n_u.values():
+        users[next(lb for lo, hi, lb in HISTORY_BUCKETS if n >= lo and (hi is None or n <= hi))] += 1
+    pct = {lb: ", ".join(f"{src} {100 * c / sum(shares[lb].values()):.1f}%" for src, c in sorted(shares[lb].items()))
+           for lb in labels if shares[lb]}
+    s.caption = ("Share of the recommendation rows that each candidate model brought in, per bucket of the "
+                 "user's train ratings; users per bucket: " + ", ".join(f"{lb} {users[lb]}" for lb in labels)
+                 + ". Shares: " + "; ".join(f"{lb}: {v}" for lb, v in pct.items()) + ".")
     return s
 
 
@@ -355,6 +449,8 @@ def write_report(warehouse: str, out_dir: str, run: str | None = None) -> dict:
     sections = [
         plot_model_comparison(plt, run, rows, missing, split),
         plot_ranking(plt, run, rows, missing, split),
+        plot_diversity(plt, run, rows, missing, split),
+        plot_sources(plt, warehouse),
         plot_feature_importances(plt, warehouse, run),
         plot_rating_distribution(plt, warehouse),
         plot_stage_seconds(plt, warehouse),

@@ -45,6 +45,17 @@ def stratified_split(ratings: DataFrame, test_ratio: float, seed: int) -> DataFr
     return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
 
 
+def cold_users_split(ratings: DataFrame, cold_ratio: float, keep: int, seed: int) -> DataFrame:
+    """New users, simulated: a hash share `cold_ratio` of users (by userId and seed) keep only
+    their `keep` earliest ratings (ties by movieId) in train and the rest of theirs is test;
+    every other user keeps everything in train. A chosen user with at most `keep` ratings has
+    nothing to test and stays all train."""
+    uh = F.pmod(F.xxhash64(F.col("userId"), F.lit(seed), F.lit("cold")), F.lit(1 << 52)).cast("double") / float(1 << 52)
+    w = Window.partitionBy("userId").orderBy(F.col("rated_at"), F.col("movieId"))
+    split = F.when((uh < cold_ratio) & (F.row_number().over(w) > keep), "test").otherwise("train")
+    return ratings.select("userId", "movieId", "rating", "rated_at", split.alias("split"))
+
+
 def temporal_global_split(ratings: DataFrame, cutoff: dt.datetime) -> DataFrame:
     """Everything rated at or after the cutoff is test: the model only sees the past."""
     split = F.when(F.col("rated_at") >= F.lit(cutoff), "test").otherwise("train")
@@ -69,6 +80,8 @@ def split_ratings(ratings: DataFrame, cfg: SplitConfig, seed: int) -> DataFrame:
         return random_split(ratings, cfg.test_ratio, seed)
     if cfg.method == "stratified":
         return stratified_split(ratings, cfg.test_ratio, seed)
+    if cfg.method == "cold_users":
+        return cold_users_split(ratings, cfg.cold_ratio, cfg.cold_keep, seed)
     if cfg.method == "temporal_user":
         return temporal_user_split(ratings, cfg.last_n)
     cutoff = dt.datetime.fromisoformat(cfg.cutoff) if cfg.cutoff else quantile_cutoff(ratings, cfg.test_ratio)

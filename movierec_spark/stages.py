@@ -295,10 +295,36 @@ def recommend_stage(ctx: RunContext) -> dict:
         scored, lists = _hybrid_scores(ctx)
     if validation:
         write_validation(ctx, "hybrid", validation, ranking=True)
+    new = None
+    if cfg.recommend.new_user_max_ratings > 0:
+        from .recommend import blend_new_users
+
+        times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select(
+            "userId", "movieId", "rated_at")
+        scored, lists, new = blend_new_users(scored, lists, times, cfg, n_eval)
     # Materialized (a checkpoint): the counts and the write below read it, and it no longer
     # hangs on this run's top_n rows, which the evaluate run's write replaces.
-    ranked = materialize(final_lists(scored, lists, cfg.hybrid.candidate_models, n_eval))
+    r = cfg.recommend
+    sims = run_table(ctx, "similar_movies") if r.diversity > 0 else None
+    if r.diversity > 0 and sims is None:
+        log.warning("recommend: recommend.diversity=%s needs similar_movies (the content stage): lists "
+                    "keep the ranker's order", r.diversity)
+    deep = n_eval * r.diversity_pool if sims is not None else n_eval
+    ranked = materialize(final_lists(scored, lists, cfg.hybrid.candidate_models, deep))
+    if sims is not None:
+        from .recommend import mmr_rerank
+
+        # Diversity on request: the top n_eval re-picked by maximal marginal relevance.
+        pool, ranked = ranked, materialize(mmr_rerank(ranked, sims, r.diversity, n_eval, r.near_duplicate))
+        cached.append(pool)
+    if r.new_movie_slots > 0:
+        from .recommend import new_movie_slots
+
+        rated = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("movieId").distinct()
+        cached.append(ranked)
+        ranked = materialize(new_movie_slots(ranked, lists, rated, r.new_movie_slots, n, n_eval))
     out = {"users": ranked.select("userId").distinct().count(),
+           "new_users": 0 if new is None else new.count(),
            "users_short_of_n": ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()}
     if validation:
         out["validation"] = {f"{m}@{k}": round(v, 4) for m, k, v in validation if k == 10 and m in ("precision", "ndcg")}
@@ -445,8 +471,18 @@ def evaluate_stage(ctx: RunContext) -> dict:
     n_items = tables.read_table(spark, wh, "movies").count() if top is not None else 0
     # Intra-list diversity by content similarity once similar_movies exists (pairs beyond each
     # movie's top-K count as dissimilar); by train co-occurrence before that.
-    df, rows_by_model = evaluate_run(spark, run, preds, top, train, test, n_items, ctx.cfg.evaluation,
-                                     run_table(ctx, "similar_movies"))
+    sims = run_table(ctx, "similar_movies")
+    sweep = ctx.cfg.evaluation.diversity_sweep
+    if top is not None and sweep and sims is not None:
+        from .recommend import mmr_rerank
+
+        # The final lists re-ordered by MMR at each lambda: the accuracy / diversity trade-off.
+        final = top.where(F.col("model") == "hybrid").drop("model")
+        n = max(ctx.cfg.evaluation.ks)
+        for lam in sweep:
+            top = top.unionByName(mmr_rerank(final, sims, lam, n, ctx.cfg.recommend.near_duplicate)
+                                  .withColumn("model", F.lit(f"hybrid_mmr{lam:g}")).select(*top.columns))
+    df, rows_by_model = evaluate_run(spark, run, preds, top, train, test, n_items, ctx.cfg.evaluation, sims)
     if df is None:
         raise ValueError("nothing to evaluate: run split and a model stage first")
     tables.replace_where(spark, df, wh, "metrics", {"run_id": run, "split": "test"}, fresh=ctx.fresh)

@@ -113,6 +113,7 @@ def hybrid_run(spark, tmp_path_factory):
 
 # Users the serve fixture adds to the generated set: one with a single rating, one with two.
 FEW_RATINGS = {100001: [(1, 4.0)], 100002: [(2, 5.0), (3, 3.5)]}
+NEW_MOVIE = 100000  # the serve fixture's unrated sequel of movie 2
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +130,13 @@ def serve_run(spark, tmp_path_factory):
         for user, rows in FEW_RATINGS.items():
             for movie, rating in rows:
                 f.write(f"{user},{movie},{rating},1500000000\n")
-    cfg = make_config(root / "wh", **HYBRID_MODELS)
+    # A new movie nobody rated: the sequel of movie 2 (which user 100002 loved), same genres.
+    movies = (root / "gen" / "movies.csv").read_text(encoding="utf-8").splitlines()
+    genres = next(line for line in movies if line.startswith("2,")).rsplit(",", 1)[1]
+    movies = [f"2,Moonlit Harbor (2009),{genres}" if line.startswith("2,") else line for line in movies]
+    movies.append(f"{NEW_MOVIE},Moonlit Harbor II (2011),{genres}")
+    (root / "gen" / "movies.csv").write_text("\n".join(movies) + "\n", encoding="utf-8")
+    cfg = make_config(root / "wh", recommend__new_movie_slots=1, **HYBRID_MODELS)
     assert cfg.pipeline.mode == "serve"  # the default
     # Every stage whose output reaches recommendations (explicit ALS's factors do not; the
     # evaluate stage has nothing to do in a serve run): the suite's time is CI's budget.

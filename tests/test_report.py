@@ -53,7 +53,7 @@ def test_report_missing_tables_become_notes(tmp_path, capsys):
     out = tmp_path / "r"
     info = report.write_report(str(wh), str(out))
     page = (out / "index.html").read_text(encoding="utf-8")
-    assert info["plots"] == 0 and info["notes"] == 5
+    assert info["plots"] == 0 and info["notes"] == 7
     assert "no metrics table" in page and "no feature_importances table" in page
     assert "the ratings table is empty" in page and "no runs table" in page
     assert list(out.glob("*.png")) == []
@@ -131,3 +131,33 @@ def test_report_of_an_evaluate_run_shows_test_figures_and_labelled_validation_on
     page = (tmp_path / "d" / "index.html").read_text(encoding="utf-8")
     assert info["run_id"] == "serve-1" and info["split"] == "validation"
     assert "Run eval-1 has test figures: <code>movierec report --run eval-1</code>" in page
+
+
+def test_report_plots_the_diversity_tradeoff_and_who_is_served_by_what(tmp_path):
+    from tests.test_query import utc, write_table
+
+    wh = build_warehouse(tmp_path)
+    # run-a, the latest succeeded serve run with recommendations: user 1 has 3 train ratings
+    # (bucket 1-5), user 2 has 30 (21-100), user 7 has 150 (> 100).
+    write_table(wh, "rating_splits", [
+        {"run_id": "run-a", "userId": u, "movieId": m, "rating": 4.0, "rated_at": utc(1), "split": "train"}
+        for u, n in ((1, 3), (2, 30), (7, 150)) for m in range(1000, 1000 + n)])
+    # run-a's final lists at lambda 0 and two MMR re-ranks of them.
+    write_table(wh, "metrics", [
+        {"run_id": "run-a", "model": m, "metric": metric, "k": 10, "value": v, "split": "test"}
+        for m, metric, v in (("hybrid", "diversity", 0.50), ("hybrid_mmr0.2", "ndcg", 0.17),
+                             ("hybrid_mmr0.2", "diversity", 0.62), ("hybrid_mmr0.5", "ndcg", 0.12),
+                             ("hybrid_mmr0.5", "diversity", 0.80))])
+    out = tmp_path / "r"
+    info = report.write_report(str(wh), str(out), run="run-a")
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert info["plots"] == 7
+    for name in ("diversity_tradeoff", "sources_by_history"):
+        assert (out / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "One point per lambda" in page
+    # User 1's list is two hybrid picks and a content one; users 2 and 7 are all hybrid.
+    assert "users per bucket: 1-5 1, 6-20 0, 21-100 1, &gt; 100 1" in page
+    assert "1-5: content 33.3%, hybrid 66.7%; 21-100: hybrid 100.0%; &gt; 100: hybrid 100.0%" in page
+    # Without MMR rows the trade-off plot says how to get them.
+    info = report.write_report(str(wh), str(tmp_path / "b"), run="run-b")
+    assert "evaluation.diversity_sweep" in (tmp_path / "b" / "index.html").read_text(encoding="utf-8")

@@ -124,6 +124,22 @@ def test_stratified_split_holds_out_a_share_of_each_user_never_a_single_rating(s
     assert splits.stratified_split(empty, 0.5, 7).isEmpty()
 
 
+def test_a_cold_users_split_keeps_the_chosen_users_earliest_ratings_in_train(spark, ratings, empty):
+    # Every user chosen (ratio near 1), keep 1: each user's earliest rating stays in train, the
+    # rest of theirs is test; user 3's single rating has nothing to test beside it.
+    got = splits.cold_users_split(ratings, 0.999999, 1, 7)
+    want = spark.createDataFrame([
+        (1, 10, 4.0, day(1), "train"), (1, 20, 3.0, day(2), "test"), (1, 30, 5.0, day(3), "test"),
+        (2, 10, 2.0, day(1), "train"), (2, 20, 4.0, day(5), "test"),
+        (3, 10, 5.0, day(4), "train")], SPLITS)
+    eq(got, want)
+    # keep 2: user 2 keeps both; nobody chosen (ratio near 0): everything is train.
+    assert {(r.userId, r.movieId) for r in splits.cold_users_split(ratings, 0.999999, 2, 7)
+            .where("split = 'test'").collect()} == {(1, 30)}
+    assert splits.cold_users_split(ratings, 1e-9, 1, 7).where("split = 'test'").isEmpty()
+    assert splits.cold_users_split(empty, 0.5, 3, 7).isEmpty()
+
+
 def test_a_serve_split_is_every_rating_as_train(spark, ratings, empty):
     from pyspark.sql import functions as F
 
@@ -216,6 +232,110 @@ def test_cold_users_get_popular_movies_they_did_not_rate(spark, ratings):
     eq(got, want)
     users, got = recommend.cold_user_lists(ratings, ratings, 2)
     assert users.isEmpty() and got.isEmpty()
+
+
+@pytest.fixture(scope="module")
+def eras(spark):
+    """Two eras a year apart: movie 100 is rated by users 1-4 early, movie 200 by users 5-7
+    late, movie 300 by one user in each, and each of users 1-7 rated a movie of their own
+    (900 + u); new user 8 rated 300 early, new user 9 rated 300 late. All-time popularity:
+    100 (4 raters), 300 (4), 200 (3)."""
+    rows = [(u, 100, 4.0, day(u)) for u in (1, 2, 3, 4)] + [(u, 200, 4.0, day(400 + u)) for u in (5, 6, 7)]
+    rows += [(u, 900 + u, 3.0, day(u if u < 5 else 400 + u)) for u in range(1, 8)]
+    rows += [(1, 300, 3.0, day(2)), (5, 300, 3.0, day(401)), (8, 300, 5.0, day(3)), (9, 300, 5.0, day(405))]
+    return spark.createDataFrame(rows, RATINGS)
+
+
+def test_new_users_get_what_was_popular_when_they_were_active(spark, eras, empty):
+    users = recommend.new_users(eras, 1)
+    eq(users, spark.createDataFrame([(8, 1, day(3)), (9, 1, day(405))], "userId int, n_u long, t_u timestamp"))
+    got = recommend.active_popularity(eras, users, 180, 1, 1)
+    # Within ~180 days of user 8's rating only movie 100 (and 300, which 8 rated) were rated;
+    # user 9 sees the late era's 200 first, though 100 has more raters all-time.
+    want = spark.createDataFrame([(8, 100, 1), (9, 200, 1)], "userId int, movieId int, rank int")
+    eq(got, want)
+    assert recommend.active_popularity(empty, recommend.new_users(empty, 5), 180, 2, 5).isEmpty()
+
+
+def test_the_new_user_blend_moves_to_the_rankers_order_as_history_grows(spark, eras):
+    from movierec_spark.config import Config
+
+    lists = spark.createDataFrame([
+        ("popularity", u, 1, 100, None, None) for u in (5, 9)] + [("popularity", 9, 2, 400, None, None)],
+        "model string, userId int, rank int, movieId int, score double, because_movieId int")
+    # The ranker prefers 400 to 100 for user 9; user 5 (3 ratings) is not new at max 1.
+    scored = spark.createDataFrame([(9, 100, 0.1), (9, 400, 0.9), (5, 100, 0.3)],
+                                   "userId int, movieId int, prediction double")
+    cfg = Config().model_copy(update={"recommend": Config().recommend.model_copy(update={"new_user_max_ratings": 1})})
+    got, lists2, users = recommend.blend_new_users(scored, lists, eras, cfg, 1)
+    eq(users, spark.createDataFrame([(8, 1), (9, 1)], "userId int, n_u long"))
+    # User 9, 1 rating of max 1: the ranker's share is 1/2. Fused (weights pop 1, active 1,
+    # content 1/4; total 2.25): 100 = 1/61 / 2.25, 400 = 1/62 / 2.25, 200 (active, rank 1) =
+    # 1/61 / 2.25. Ranker: 400 first (1/61), 100 second (1/62), 200 unscored.
+    k = 60.0
+    f = lambda *rs: sum(1 / (k + r) for r in rs) / 2.25  # noqa: E731
+    want = spark.createDataFrame([
+        (5, 100, 0.3),
+        (9, 100, 0.5 * f(1) + 0.5 / (k + 2)), (9, 400, 0.5 * f(2) + 0.5 / (k + 1)), (9, 200, 0.5 * f(1)),
+        (8, 100, 0.5 * f(1))],
+        "userId int, movieId int, prediction double")
+    assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    # The popularity-when-active picks join the lists (as popularity) so final_lists can name them.
+    assert {(r.userId, r.movieId) for r in lists2.where("model = 'popularity'").collect()} == {
+        (5, 100), (9, 100), (9, 400), (8, 100), (9, 200)}
+
+
+def test_mmr_spreads_a_list_and_never_puts_near_duplicates_side_by_side_when_it_can(spark):
+    cols = "userId int, rank int, movieId int, score double, source string"
+    ranked = spark.createDataFrame([
+        (1, 1, 1, 1.0, "a"), (1, 2, 2, 0.9, "b"), (1, 3, 3, 0.8, "c"), (1, 4, 4, 0.1, "d"),
+        (2, 1, 1, 0.5, "a"),
+        (3, 1, 5, 0.7, "a"), (3, 2, 6, 0.6, "b")], cols)
+    # 2 is a near-duplicate of 1 (listed on 1's side only: read as symmetric), 3 is half like 1;
+    # 5 and 6 are near-duplicates with nothing else in user 3's list.
+    sims = spark.createDataFrame([(1, 2, 0.95), (3, 1, 0.5), (5, 6, 0.99), (6, 5, 0.99)],
+                                 "movieId int, similar_movieId int, similarity double")
+    assert_df_equality(recommend.mmr_rerank(ranked, sims, 0.0, 3), ranked.where("rank <= 3"), ignore_row_order=True)
+
+    def order(lam):
+        got = recommend.mmr_rerank(ranked, sims, lam, 3).orderBy("userId", "rank").collect()
+        assert got[0].asDict().keys() == {"userId", "rank", "movieId", "score", "source"}
+        assert all(r.source == "abcd"[r.movieId - 1] for r in got if r.userId == 1)  # columns travel along
+        return {u: [r.movieId for r in got if r.userId == u] for u in (1, 2, 3)}
+
+    # lambda 0.1: relevance still leads, but 2 may not follow its near-duplicate 1 while 3 is left.
+    assert order(0.1) == {1: [1, 3, 2], 2: [1], 3: [5, 6]}
+    # lambda 0.5: after 1, 3 scores 0.5 x 0.78 - 0.5 x 0.5 > 0 (4); then 4 (0) beats 2
+    # (0.5 x 0.89 - 0.5 x 0.95 < 0).
+    assert order(0.5) == {1: [1, 3, 4], 2: [1], 3: [5, 6]}
+    assert recommend.mmr_rerank(ranked.limit(0), sims, 0.5, 3).isEmpty()
+
+
+def test_new_movie_slots_give_unrated_content_picks_the_last_of_the_first_n_positions(spark):
+    cols = "userId int, rank int, movieId int, score double, source string, because_movieId int"
+    ranked = spark.createDataFrame([(1, r, m, 1.0 - r / 10, "als_implicit", None) for r, m in enumerate((10, 20, 30, 40), 1)]
+                                   + [(2, 1, 10, 0.9, "popularity", None), (3, 1, 10, 0.9, "popularity", None)], cols)
+    lists = spark.createDataFrame([
+        ("content", 1, 1, 20, 0.8, 10), ("content", 1, 2, 99, 0.7, 10), ("content", 1, 3, 98, 0.6, 30),
+        ("content", 2, 1, 20, 0.5, 10), ("als_implicit", 2, 1, 97, 0.9, None), ("content", 3, 1, 99, 0.4, 10),
+        ("content", 4, 1, 99, 0.3, 20)],
+        "model string, userId int, rank int, movieId int, score double, because_movieId int")
+    rated = spark.createDataFrame([(m,) for m in (10, 20, 30, 40)], "movieId int")
+    got = recommend.new_movie_slots(ranked, lists, rated, 1, 3, 4)
+    # User 1's first unrated content pick (99, because of 10) takes position 3 of n = 3; 30 and
+    # 40 move down one, and the list is cut at 4. User 2's content list has no unrated movie
+    # (97 is implicit ALS's, not content's). User 3's list of one gets 99 right after it; user
+    # 4, with no ranked list at all (rated everything else), gets it first.
+    want = spark.createDataFrame([
+        (1, 1, 10, 0.9, "als_implicit", None), (1, 2, 20, 0.8, "als_implicit", None),
+        (1, 3, 99, 0.7, "content", 10), (1, 4, 30, 0.7, "als_implicit", None),
+        (2, 1, 10, 0.9, "popularity", None),
+        (3, 1, 10, 0.9, "popularity", None), (3, 2, 99, 0.4, "content", 10), (4, 1, 99, 0.3, "content", 20)], cols)
+    assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
+    # Two slots: 99 and 98 at positions 2 and 3.
+    two = {(r.rank, r.movieId) for r in recommend.new_movie_slots(ranked, lists, rated, 2, 3, 4).where("userId = 1").collect()}
+    assert two == {(1, 10), (2, 99), (3, 98), (4, 20)}
+    assert recommend.new_movie_slots(ranked, lists, rated, 0, 3, 4) is ranked
 
 
 # ----------------------------------------------------------------------------- feature passes
