@@ -317,7 +317,8 @@ class EvaluationConfig(Section):
     relevance_threshold: float | None = None
     top_n: int = Field(10, ge=1)
     # Evaluate runs: the final lists re-ranked by MMR at each of these lambdas as well (model
-    # "hybrid_mmr<lambda>" in metrics; the top max(ks) re-ordered, so @max(ks) is unchanged):
+    # "hybrid_mmr<lambda>" in metrics; the top max(ks) re-ordered, so @max(ks) is unchanged
+    # when top_n <= max(ks); lambda 0 is the run's lists, with its own recommend.diversity):
     # the accuracy / diversity trade-off in one run. [] = off.
     diversity_sweep: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
 

@@ -158,6 +158,7 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
         _check_kind(spark, cfg, run_id)
     ctx = RunContext(spark, cfg, run_id or new_run_id(), input_path, cfg.paths.warehouse, fresh=not run_id,
                      config_json=cfg.to_json())
+    carried: set[str] = set()
     if run_id and not resume:
         # A rerun of some stages under an existing id: the other stages' recorded results (the
         # settings tuning chose, the saved models' paths) carry over, as on resume; without
@@ -166,6 +167,7 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
             if name not in names:
                 ctx.results[name] = result
                 ctx.apply_tuned(result.get("tuned"))
+                carried.add(name)
     log.info("run %s: stages %s, input %s, warehouse %s", ctx.run_id, names, redact_text(str(input_path)),
              redact_text(ctx.warehouse))
     _record_run(spark, ctx, started, "running")
@@ -206,7 +208,7 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
     # Only a serve run's outputs are what consumers are served; an evaluate run moves nothing.
     if ctx.serving:
         for stage_name, table in (("recommend", "recommendations"), ("content", "similar_movies")):
-            if stage_name in ctx.results:
+            if stage_name in ctx.results and stage_name not in carried:  # run here (or before a resume)
                 _point_latest(spark, ctx, table)
     total = sum(ctx.stage_seconds.values())
     log.info("run %s succeeded in %.1f s (%s)", ctx.run_id, total,

@@ -14,7 +14,10 @@ def final_lists(scored: DataFrame, lists: DataFrame, candidate_models: list[str]
     `lists` (model, userId, movieId, because_movieId, ...): userId, rank, movieId, score,
     source (the first model in `candidate_models`' order that listed the movie) and
     because_movieId (that model's, else any model's)."""
+    # A model outside candidate_models (the new-user blend's popularity picks when popularity is
+    # not a candidate model) comes last, not first (array_position gives 0 when it is absent).
     prio = F.array_position(F.array(*[F.lit(m) for m in candidate_models]), F.col("model"))
+    prio = F.when(prio == 0, F.lit(len(candidate_models) + 1)).otherwise(prio)
     src = (lists
            .groupBy("userId", "movieId")
            .agg(F.min_by(F.struct("model", "because_movieId"), prio).alias("s"),
@@ -188,11 +191,13 @@ def new_movie_slots(ranked: DataFrame, lists: DataFrame, rated_movies: DataFrame
     `rated_movies`), taken from the user's content list (`lists` rows of model 'content') in
     its order: they take positions n - s + 1 .. n (s = how many the user has, at most `slots`;
     right after a list shorter than n - s),
-    with source 'content', their because_movieId and the content score; the ranked movies from
+    with source 'content', their because_movieId and the score of the first row they displaced
+    (so scores still fall with rank); the ranked movies from
     there on move down s places; each list is cut at `length`. The ranker cannot place such a
     movie (no ratings, no collaborative signal), so without slots it would never be served."""
     if slots <= 0:
         return ranked
+    slots = min(slots, n)  # at most every one of the first n positions
     w = Window.partitionBy("userId").orderBy(F.col("rank"), F.col("movieId"))
     fresh = (lists.where(F.col("model") == "content").join(rated_movies, "movieId", "left_anti")
              .withColumn("j", F.row_number().over(w)).where(F.col("j") <= slots)
@@ -203,10 +208,14 @@ def new_movie_slots(ranked: DataFrame, lists: DataFrame, rated_movies: DataFrame
             .withColumn("s", F.coalesce("s", F.lit(0)))
             .withColumn("rank", F.when(F.col("r") <= n - F.col("s"), F.col("r")).otherwise(F.col("r") + F.col("s"))))
     # A list shorter than n - s (a user who rated nearly everything) gets its picks right after it.
-    held = rest.groupBy("userId").agg(F.count(F.lit(1)).alias("c"))
-    picks = fresh.join(s_u, "userId").join(held, "userId", "left").select(
+    # Each pick carries the score of the first row it displaced (else the list's last score), so
+    # scores still fall with rank: the ranker's and the content model's are not on one scale.
+    held = rest.groupBy("userId").agg(F.count(F.lit(1)).alias("c"), F.min("score").alias("last"))
+    first_moved = rest.where(F.col("r") == F.lit(n) - F.col("s") + 1).select(
+        "userId", F.col("score").alias("moved"))
+    picks = fresh.drop("score").join(s_u, "userId").join(held, "userId", "left").join(first_moved, "userId", "left").select(
         "userId", (F.least(F.lit(n) - F.col("s"), F.coalesce("c", F.lit(0))) + F.col("j")).alias("rank"),
-        "movieId", "score", F.lit("content").alias("source"), "because_movieId")
+        "movieId", F.coalesce("moved", "last").alias("score"), F.lit("content").alias("source"), "because_movieId")
     typed = [F.col(c).cast(ranked.schema[c].dataType) for c in ranked.columns]
     out = rest.select(*typed).unionByName(picks.select(*typed))
     return out.where(F.col("rank") <= length)

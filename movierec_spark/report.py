@@ -199,7 +199,8 @@ def plot_diversity(plt, run: str | None, rows: list[dict], missing: str | None, 
     ax.set_ylabel("nDCG@10")
     ax.set_title(f"Final lists re-ranked by MMR - run {run}{_split_tag(split)}")
     s.png = _png(fig)
-    s.caption = ("One point per lambda (recommend.diversity): 0 is the ranker's order; larger lambdas trade "
+    s.caption = ("One point per lambda (evaluation.diversity_sweep): 0 is the run's final lists (the ranker's "
+                 "order unless the run set recommend.diversity itself); larger lambdas trade "
                  "nDCG@10 for lists that are less alike. Coverage@10 in brackets.")
     return s
 
@@ -224,18 +225,29 @@ def plot_sources(plt, warehouse: str) -> Section:
         s.note = "no succeeded serve run has recommendations"
         return s
     run = serve[-1]
-    by_src = q.rows_of(run_sql(recs, 'SELECT "userId", source, count(*) AS c FROM t '
-                                     f'WHERE run_id = {_lit(run)} GROUP BY "userId", source'))
-    n_u = {r["userId"]: r["n"] for r in q.rows_of(run_sql(
-        q.open_table(warehouse, "rating_splits"),
-        f"SELECT \"userId\", count(*) AS n FROM t WHERE run_id = {_lit(run)} AND split = 'train' "
-        'GROUP BY "userId"'))}
+    # Bucketed and counted by delta-rs's engine: a handful of rows reach Python, whatever the
+    # number of users.
+    from deltalake import QueryBuilder
+
+    import pyarrow as pa
+
+    bucket = "CASE " + " ".join(f"WHEN n <= {hi} THEN '{lb}'" for lo, hi, lb in HISTORY_BUCKETS if hi is not None) + \
+        f" ELSE '{HISTORY_BUCKETS[-1][2]}' END"
+    hist_sql = (f'SELECT "userId", count(*) AS n FROM s WHERE run_id = {_lit(run)} AND split = \'train\' '
+                'GROUP BY "userId"')
+    sql = (f'SELECT {bucket} AS bucket, r.source AS source, count(*) AS c, count(DISTINCT r."userId") AS u '
+           f'FROM r JOIN ({hist_sql}) h ON r."userId" = h."userId" WHERE r.run_id = {_lit(run)} GROUP BY 1, 2')
+    users_sql = f"SELECT {bucket} AS bucket, count(*) AS u FROM ({hist_sql}) h GROUP BY 1"
+
+    def query(text):
+        qb = QueryBuilder().register("r", recs).register("s", q.open_table(warehouse, "rating_splits"))
+        return q.rows_of(pa.RecordBatchReader.from_stream(qb.execute(text)).read_all())
+
     shares: dict[str, dict[str, int]] = {label: {} for *_, label in HISTORY_BUCKETS}
-    for r in by_src:
-        n = n_u.get(r["userId"], 0)
-        label = next((lb for lo, hi, lb in HISTORY_BUCKETS if n >= lo and (hi is None or n <= hi)), None)
-        if label is not None:  # users with no train rating (popular_cold) have no history bucket
-            shares[label][r["source"]] = shares[label].get(r["source"], 0) + r["c"]
+    for r in query(sql):  # users with no train rating (popular_cold) have no history bucket
+        shares[r["bucket"]][r["source"]] = r["c"]
+    users = {lb: 0 for *_, lb in HISTORY_BUCKETS}
+    users.update({r["bucket"]: r["u"] for r in query(users_sql)})
     labels = [lb for *_, lb in HISTORY_BUCKETS]
     sources = sorted({src for d in shares.values() for src in d})
     if not sources:
@@ -253,9 +265,6 @@ def plot_sources(plt, warehouse: str) -> Section:
     ax.legend(fontsize=8)
     ax.set_title(f"Source of each served row, by history - serve run {run}")
     s.png = _png(fig)
-    users = {lb: 0 for lb in labels}
-    for n in n_u.values():
-        users[next(lb for lo, hi, lb in HISTORY_BUCKETS if n >= lo and (hi is None or n <= hi))] += 1
     pct = {lb: ", ".join(f"{src} {100 * c / sum(shares[lb].values()):.1f}%" for src, c in sorted(shares[lb].items()))
            for lb in labels if shares[lb]}
     s.caption = ("Share of the recommendation rows that each candidate model brought in, per bucket of the "

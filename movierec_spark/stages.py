@@ -479,9 +479,12 @@ def evaluate_stage(ctx: RunContext) -> dict:
         # The final lists re-ordered by MMR at each lambda: the accuracy / diversity trade-off.
         final = top.where(F.col("model") == "hybrid").drop("model")
         n = max(ctx.cfg.evaluation.ks)
-        for lam in sweep:
+        for name, lam in {f"hybrid_mmr{lam:g}": lam for lam in sweep}.items():  # one model per name
             top = top.unionByName(mmr_rerank(final, sims, lam, n, ctx.cfg.recommend.near_duplicate)
-                                  .withColumn("model", F.lit(f"hybrid_mmr{lam:g}")).select(*top.columns))
+                                  .withColumn("model", F.lit(name)).select(*top.columns))
+        # Cached (released with the run's memo): each model's metrics read its rows, and the
+        # re-ranks are pandas functions.
+        top = ctx.memo("evaluate:top_with_mmr", lambda: top.cache())
     df, rows_by_model = evaluate_run(spark, run, preds, top, train, test, n_items, ctx.cfg.evaluation, sims)
     if df is None:
         raise ValueError("nothing to evaluate: run split and a model stage first")

@@ -100,7 +100,7 @@ def test_served_rows_carry_the_hybrids_predicted_rating(serve_run):
     lo, hi = tables.read_table(spark, cfg.paths.warehouse, "ratings").agg(F.min("rating"), F.max("rating")).first()
     assert recs.where(f"predicted_rating < {lo} OR predicted_rating > {hi}").isEmpty()
     # It is a rating, not the ranker's probability: it varies and is mostly above the probabilities.
-    # (A new-movie slot's row carries its content score instead: not a probability.)
+    # (Over movies with ratings: the hybrid rates a new movie from its content alone.)
     rated = tables.read_table(spark, cfg.paths.warehouse, "ratings").select("movieId").distinct()
     stats = recs.join(rated, "movieId", "left_semi").agg(
         F.stddev("predicted_rating"), F.avg("predicted_rating"), F.max("score")).first()
@@ -118,6 +118,24 @@ def test_a_serve_run_reports_validation_figures_not_test_ones(serve_run):
     assert ctx.results["hybrid"]["validation"]["rmse"] == pytest.approx(rmse, abs=1e-4)
     # The GBT stopped on its validation rows or at its cap.
     assert 1 <= ctx.results["hybrid"]["trees"] <= cfg.hybrid.max_iter
+
+
+def test_a_rerun_of_other_stages_leaves_the_latest_pointers_alone(serve_run, tmp_path):
+    import datetime as dt
+
+    spark, cfg, _ = serve_run
+    shutil.copytree(cfg.paths.warehouse, tmp_path / "wh")
+    wh = str(tmp_path / "wh")
+    # A newer serve run ("newer") is what consumers are served ...
+    row = [("similar_movies", "newer", 0, dt.datetime(2030, 1, 1)), ("recommendations", "newer", 0, dt.datetime(2030, 1, 1))]
+    tables.upsert(spark, spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["latest"]), wh, "latest")
+    # ... and rerunning sv's baselines carries sv's content and recommend results along (its
+    # tuned settings, its models), but must not point consumers back at sv's outputs.
+    again = make_config(tmp_path / "wh", recommend__new_movie_slots=1, **HYBRID_MODELS)
+    ctx = run_pipeline(spark, again, None, stages=["baselines"], run_id="sv")
+    assert "recommend" in ctx.results and "content" in ctx.results
+    latest = {r.table_name: r.run_id for r in tables.read_table(spark, wh, "latest").collect()}
+    assert latest == {"similar_movies": "newer", "recommendations": "newer"}
 
 
 @pytest.fixture(scope="module")

@@ -325,12 +325,13 @@ def test_new_movie_slots_give_unrated_content_picks_the_last_of_the_first_n_posi
     # User 1's first unrated content pick (99, because of 10) takes position 3 of n = 3; 30 and
     # 40 move down one, and the list is cut at 4. User 2's content list has no unrated movie
     # (97 is implicit ALS's, not content's). User 3's list of one gets 99 right after it; user
-    # 4, with no ranked list at all (rated everything else), gets it first.
+    # 4, with no ranked list at all (rated everything else), gets it first. A pick's score is
+    # the first displaced row's (30's 0.7 for user 1), else the list's last (user 3), else null.
     want = spark.createDataFrame([
         (1, 1, 10, 0.9, "als_implicit", None), (1, 2, 20, 0.8, "als_implicit", None),
         (1, 3, 99, 0.7, "content", 10), (1, 4, 30, 0.7, "als_implicit", None),
         (2, 1, 10, 0.9, "popularity", None),
-        (3, 1, 10, 0.9, "popularity", None), (3, 2, 99, 0.4, "content", 10), (4, 1, 99, 0.3, "content", 20)], cols)
+        (3, 1, 10, 0.9, "popularity", None), (3, 2, 99, 0.9, "content", 10), (4, 1, 99, None, "content", 20)], cols)
     assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
     # Two slots: 99 and 98 at positions 2 and 3.
     two = {(r.rank, r.movieId) for r in recommend.new_movie_slots(ranked, lists, rated, 2, 3, 4).where("userId = 1").collect()}
