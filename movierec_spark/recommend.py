@@ -28,12 +28,32 @@ def final_lists(scored: DataFrame, lists: DataFrame, candidate_models: list[str]
         F.coalesce(F.col("s.because_movieId"), F.col("any_because")).alias("because_movieId"))
 
 
-def cold_user_lists(ratings: DataFrame, train: DataFrame, n: int) -> tuple[DataFrame, DataFrame]:
+def cold_user_lists(ratings: DataFrame, train: DataFrame, n: int, window_days: int | None = None
+                    ) -> tuple[DataFrame, DataFrame]:
     """(users, lists): the users with ratings but none in `train` (rated after the run's split),
-    and their popularity lists without what they rated, as `recommendations` rows without
-    run_id (source 'popular_cold', no because_movieId, no predicted_rating)."""
-    cold = ratings.select("userId", "movieId").join(train.select("userId").distinct(), "userId", "left_anti")
-    lists = popularity_top_n(train, n, seen=cold).select(
+    and their lists without what they rated, as `recommendations` rows without run_id (source
+    'popular_cold', no because_movieId, no predicted_rating, score = the movie's train rating
+    count).
+
+    They are the newest users of all. With `window_days` (and rated_at in both frames) their
+    list fuses, by reciprocal rank, popularity with popularity around their latest rating (the
+    new-user blend's two popularity lists, recommend.blend_new_users; no model knows these
+    users, so no content or ranker share); without, it is popularity alone."""
+    from .baselines import popularity
+
+    cold = ratings.join(train.select("userId").distinct(), "userId", "left_anti")
+    pop = popularity_top_n(train, n, seen=cold)
+    if window_days and "rated_at" in cold.columns and "rated_at" in train.columns:
+        users = cold.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"), F.max("rated_at").alias("t_u"))
+        most = users.agg(F.max("n_u")).first()[0] or 0  # one number: how deep each window's list goes
+        active = active_popularity(train, users, window_days, n, most, seen=cold)  # their ratings are not in train
+        fused = (pop.select("userId", "movieId", "rank").unionByName(active)
+                 .groupBy("userId", "movieId").agg(F.sum(1.0 / (RRF_K + F.col("rank"))).alias("f"))
+                 .join(popularity(train).select("movieId", "n_ratings"), "movieId"))
+        pop = top_n_per_user(fused, n, score=F.col("f"), tiebreak=F.col("n_ratings").desc()).join(
+            fused.select("userId", "movieId", "n_ratings"), ["userId", "movieId"]).select(
+            "userId", "movieId", "rank", F.col("n_ratings").cast("double").alias("score"))
+    lists = pop.select(
         "userId", "rank", "movieId", "score", F.lit("popular_cold").alias("source"),
         F.lit(None).cast("int").alias("because_movieId"), F.lit(None).cast("double").alias("predicted_rating"))
     return cold.select("userId").distinct(), lists
@@ -55,10 +75,11 @@ def new_users(train: DataFrame, max_ratings: int) -> DataFrame:
             .where(F.col("n_u") <= max_ratings))
 
 
-def active_popularity(train: DataFrame, users: DataFrame, window_days: int, n: int, max_seen: int) -> DataFrame:
+def active_popularity(train: DataFrame, users: DataFrame, window_days: int, n: int, max_seen: int,
+                      seen: DataFrame | None = None) -> DataFrame:
     """userId, movieId, rank: per user of `users` (userId, t_u), the n movies they did not rate
     that were rated most within about `window_days` of t_u (30-day buckets; the users have at
-    most `max_seen` train ratings each): what people were
+    most `max_seen` ratings each, which `seen` holds: default `train`): what people were
     watching when the user was active. On simulated new users it beat all-time popularity by
     12% nDCG@10 (benchmarks/cold_start.py).
 
@@ -78,7 +99,7 @@ def active_popularity(train: DataFrame, users: DataFrame, window_days: int, n: i
     w = Window.partitionBy("centre").orderBy(F.col("c").desc(), F.col("movieId"))
     top = counts.withColumn("r", F.row_number().over(w)).where(F.col("r") <= n + max_seen)
     cands = (users.select("userId", bucket("t_u").alias("centre")).join(top, "centre")
-             .join(train.select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
+             .join((train if seen is None else seen).select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
     return top_n_per_user(cands, n, score=F.col("c").cast("double")).select("userId", "movieId", "rank")
 
 

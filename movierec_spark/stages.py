@@ -413,8 +413,10 @@ def _write_recommendations(ctx: RunContext, ranked, n: int) -> dict:
     rated = _predicted_ratings(ctx, served)
     served = (served.withColumn("predicted_rating", F.lit(None).cast("double")) if rated is None
               else served.join(rated, ["userId", "movieId"], "left"))
-    train, _ = split_frames(ctx)
-    cold, cold_recs = cold_user_lists(tables.read_table(spark, wh, "ratings"), train, n)
+    times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
+    r = ctx.cfg.recommend
+    cold, cold_recs = cold_user_lists(tables.read_table(spark, wh, "ratings").select("userId", "movieId", "rated_at"),
+                                      times, n, r.new_user_window_days if r.new_user_max_ratings > 0 else None)
     recs = served.select(*cold_recs.columns).unionByName(cold_recs).select(F.lit(run).alias("run_id"), "*")
     tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
     return {"cold_users": cold.count()}

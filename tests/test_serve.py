@@ -120,22 +120,29 @@ def test_a_serve_run_reports_validation_figures_not_test_ones(serve_run):
     assert 1 <= ctx.results["hybrid"]["trees"] <= cfg.hybrid.max_iter
 
 
-def test_a_rerun_of_other_stages_leaves_the_latest_pointers_alone(serve_run, tmp_path):
+def test_a_rerun_of_recommend_serves_newer_users_and_leaves_other_pointers_alone(serve_run, tmp_path):
     import datetime as dt
 
     spark, cfg, _ = serve_run
     shutil.copytree(cfg.paths.warehouse, tmp_path / "wh")
     wh = str(tmp_path / "wh")
-    # A newer serve run ("newer") is what consumers are served ...
-    row = [("similar_movies", "newer", 0, dt.datetime(2030, 1, 1)), ("recommendations", "newer", 0, dt.datetime(2030, 1, 1))]
+    # A newer serve run ("newer") serves similar_movies ...
+    row = [("similar_movies", "newer", 0, dt.datetime(2030, 1, 1))]
     tables.upsert(spark, spark.createDataFrame(row, schema=tables.TABLE_SCHEMAS["latest"]), wh, "latest")
-    # ... and rerunning sv's baselines carries sv's content and recommend results along (its
-    # tuned settings, its models), but must not point consumers back at sv's outputs.
+    # ... and a user who rated two movies after sv's split arrives in `ratings`.
+    late = [(200001, 1, 5.0, dt.datetime(2017, 9, 1)), (200001, 2, 4.0, dt.datetime(2017, 9, 2))]
+    tables.append(spark, spark.createDataFrame(late, schema=tables.TABLE_SCHEMAS["ratings"]), wh, "ratings")
+    # Rerunning sv's recommend stage carries sv's other stages' results along (its tuned
+    # settings, its models) but points consumers only at what it wrote itself.
     again = make_config(tmp_path / "wh", recommend__new_movie_slots=1, **HYBRID_MODELS)
-    ctx = run_pipeline(spark, again, None, stages=["baselines"], run_id="sv")
-    assert "recommend" in ctx.results and "content" in ctx.results
+    ctx = run_pipeline(spark, again, None, stages=["recommend"], run_id="sv")
+    assert "content" in ctx.results and ctx.results["recommend"]["cold_users"] == 1
     latest = {r.table_name: r.run_id for r in tables.read_table(spark, wh, "latest").collect()}
-    assert latest == {"similar_movies": "newer", "recommendations": "newer"}
+    assert latest == {"similar_movies": "newer", "recommendations": "sv"}
+    # The newer user gets n popular_cold movies they did not rate.
+    got = _recs(spark, wh).where("userId = 200001").collect()
+    assert sorted(r["rank"] for r in got) == list(range(1, cfg.evaluation.top_n + 1))
+    assert {r.source for r in got} == {"popular_cold"} and not {1, 2} & {r.movieId for r in got}
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,24 @@ def test_new_users_get_what_was_popular_when_they_were_active(spark, eras, empty
     assert recommend.active_popularity(empty, recommend.new_users(empty, 5), 180, 2, 5).isEmpty()
 
 
+def test_users_newer_than_the_split_get_popularity_fused_with_what_was_popular_when_they_rated(spark, eras):
+    train = eras.where("userId NOT IN (8, 9)")
+    users, got = recommend.cold_user_lists(eras, train, 1, 180)
+    eq(users, spark.createDataFrame([(8,), (9,)], "userId int"))
+    # All-time, 100 leads (4 raters); for user 9, active in the late era, 200 is first in the
+    # active list and second all-time (1/61 + 1/62 against 100's 1/61): 200. User 8: 100.
+    # The score stays the movie's train rating count.
+    want = spark.createDataFrame([(8, 1, 100, 4.0), (9, 1, 200, 3.0)], "userId int, rank int, movieId int, score double")
+    eq(got.select("userId", "rank", "movieId", "score"), want)
+    # What they rated is never listed: with 200 rated, user 9 gets 100.
+    late = spark.createDataFrame([(9, 200, 4.0, day(406))], RATINGS)
+    _, got = recommend.cold_user_lists(eras.unionByName(late), train, 1, 180)
+    assert {(r.userId, r.movieId) for r in got.collect()} == {(8, 100), (9, 100)}
+    # Without a window: popularity alone, 100 for both.
+    _, plain = recommend.cold_user_lists(eras, train, 1)
+    assert {(r.userId, r.movieId) for r in plain.collect()} == {(8, 100), (9, 100)}
+
+
 def test_the_new_user_blend_moves_to_the_rankers_order_as_history_grows(spark, eras):
     from movierec_spark.config import Config
 
