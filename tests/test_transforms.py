@@ -257,20 +257,35 @@ def test_new_users_get_what_was_popular_when_they_were_active(spark, eras, empty
     assert recommend.active_popularity(empty, recommend.new_users(empty, 5), 180, 2, 5).isEmpty()
 
 
+def test_the_rankers_active_feature_counts_the_movies_ratings_around_the_users_median_time(spark, eras):
+    cands = spark.createDataFrame([(8, 100), (8, 200), (9, 100), (9, 200), (9, 555)], "userId int, movieId int")
+    got, names = ranker._time_features(cands, eras, 180)
+    assert names == ["t_after", "t_dist", "m_active"]
+    # User 8 rated early: 100's four early ratings are near, 200's late ones are not; user 9 the
+    # other way round; 555 has no ratings at all.
+    want = {(8, 100): 4, (8, 200): 0, (9, 100): 0, (9, 200): 3, (9, 555): 0}
+    assert {(r.userId, r.movieId): round(math.expm1(r.m_active)) for r in got.collect()} == want
+    _, without = ranker._time_features(cands, eras)
+    assert without == ["t_after", "t_dist"]
+
+
 def test_users_newer_than_the_split_get_popularity_fused_with_what_was_popular_when_they_rated(spark, eras):
     train = eras.where("userId NOT IN (8, 9)")
-    users, got = recommend.cold_user_lists(eras, train, 1, 180)
+    users, got = recommend.cold_user_lists(eras, train, 2, 180)
     eq(users, spark.createDataFrame([(8,), (9,)], "userId int"))
-    # All-time, 100 leads (4 raters); for user 9, active in the late era, 200 is first in the
-    # active list and second all-time (1/61 + 1/62 against 100's 1/61): 200. User 8: 100.
-    # The score stays the movie's train rating count.
-    want = spark.createDataFrame([(8, 1, 100, 4.0), (9, 1, 200, 3.0)], "userId int, rank int, movieId int, score double")
+    # All-time popularity: 100 (4 raters), 200 (3). User 9, active in the late era: 200 is first
+    # in the active list and second all-time (1/61 + 1/62), ahead of 100 (1/61) and the active
+    # list's second, 905 (1/62). User 8, early: 100 (1/61 + 1/61), then 200 (1/62) and 901 (the
+    # active second, 1/62) tie and the rating count breaks it. The score stays that count.
+    want = spark.createDataFrame([(8, 1, 100, 4.0), (8, 2, 200, 3.0), (9, 1, 200, 3.0), (9, 2, 100, 4.0)],
+                                 "userId int, rank int, movieId int, score double")
     eq(got.select("userId", "rank", "movieId", "score"), want)
-    # What they rated is never listed: with 200 rated, user 9 gets 100.
+    # What they rated is never listed: with 200 rated, user 9's first pick is 100 (tied with the
+    # active list's 905 at 1/61, more raters).
     late = spark.createDataFrame([(9, 200, 4.0, day(406))], RATINGS)
     _, got = recommend.cold_user_lists(eras.unionByName(late), train, 1, 180)
     assert {(r.userId, r.movieId) for r in got.collect()} == {(8, 100), (9, 100)}
-    # Without a window: popularity alone, 100 for both.
+    # Without a window: popularity alone, 100 first for both.
     _, plain = recommend.cold_user_lists(eras, train, 1)
     assert {(r.userId, r.movieId) for r in plain.collect()} == {(8, 100), (9, 100)}
 
