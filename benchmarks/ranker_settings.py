@@ -34,8 +34,13 @@ def main() -> int:
     ap.add_argument("--grid", default="50x4x30,30x4x30,100x4x30",
                     help="candidate_pool x ranker_max_depth x ranker_max_iter points")
     ap.add_argument("--out", help="append the table to this markdown file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every grid point (e.g. hybrid.ranker_active_days=180)")
     args = ap.parse_args()
-    cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
+    import yaml
+
+    sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False, **sets})
     spark = build_spark(cfg, app_name="movierec-ranker-settings")
     say = Lines(args.out)
 
@@ -55,7 +60,7 @@ def main() -> int:
         n_items = tables.read_table(spark, wh, "movies").count()
         say(f"Run {run} (warehouse {wh}), {train.count()} train ratings; implicit ALS as the run chose it: {tuned}. "
             f"Validation: {cfg.hybrid.ranker_validation_users:.0%} of users, left out of the ranker's fit, "
-            "against their fold-0 movies.")
+            "against their fold-0 movies." + (f" Overrides: {sets}." if sets else ""))
         say()
         say("| candidate_pool | ranker_max_depth | ranker_max_iter | validation nDCG@10 | recall@10 | seconds |\n"
             "|---|---|---|---|---|---|")

@@ -80,7 +80,7 @@ def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str],
 
 def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int,
                     implicit=None, times: DataFrame | None = None,
-                    item_nb: DataFrame | None = None) -> tuple[DataFrame, list[str]]:
+                    item_nb: DataFrame | None = None, active_days: int = 0) -> tuple[DataFrame, list[str]]:
     """One row per candidate (userId, movieId) with the ranker's inputs; returns (frame, names).
 
     `implicit` (the implicit ALS model fitted on `train`) adds its score u.v for every candidate,
@@ -110,7 +110,7 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
                .withColumn("imp_dot", F.coalesce(dot.cast("double"), F.lit(0.0))).drop("u", "v"))
         names.append("imp_dot")
     if times is not None:
-        out, more = _time_features(out, times)
+        out, more = _time_features(out, times, active_days)
         names += more
     if item_nb is not None:
         # Item-kNN: summed co-occurrence cosine of the candidate to the movies the user rated.
@@ -136,7 +136,7 @@ def item_neighbours(train: DataFrame, m: int, cap: int | None, seed: int) -> Dat
     return cosine_neighbours(ones, "movieId", "userId", m, 1, cap, seed).select("movieId", "nb", "sim")
 
 
-def _time_features(cands: DataFrame, times: DataFrame) -> tuple[DataFrame, list[str]]:
+def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> tuple[DataFrame, list[str]]:
     """When the user was active against when the movie was being rated, from train timestamps.
 
     A user rates movies of the period they were active in: a movie whose first rating came
@@ -150,9 +150,21 @@ def _time_features(cands: DataFrame, times: DataFrame) -> tuple[DataFrame, list[
     m = times.groupBy("movieId").agg(F.min(secs).alias("m_first"), F.percentile_approx(secs, 0.5).alias("m_mid"))
     out = (cands.join(u, "userId", "left").join(m, "movieId", "left")
            .withColumn("t_after", F.coalesce(F.greatest(F.col("m_first") - F.col("u_last"), F.lit(0.0)) / day, F.lit(0.0)))
-           .withColumn("t_dist", F.coalesce(F.abs(F.col("m_mid") - F.col("u_mid")) / day, F.lit(1e5)))
-           .drop("u_last", "u_mid", "m_first", "m_mid"))
-    return out, ["t_after", "t_dist"]
+           .withColumn("t_dist", F.coalesce(F.abs(F.col("m_mid") - F.col("u_mid")) / day, F.lit(1e5))))
+    names = ["t_after", "t_dist"]
+    if active_days > 0:
+        # How much the movie was rated around the user's median rating time (30-day buckets,
+        # +/- active_days): the new users' "popularity when active" as a feature for everyone.
+        secs_b = 30 * 86400.0
+        half = max(1, round(active_days / 30))
+        per = (times.select("movieId", F.floor(secs / secs_b).cast("long").alias("b")).groupBy("movieId", "b").count()
+               .select("movieId", "count", F.explode(F.sequence(F.col("b") - half, F.col("b") + half)).alias("centre"))
+               .groupBy("movieId", "centre").agg(F.sum("count").alias("m_act")))
+        out = (out.withColumn("centre", F.floor(F.col("u_mid") / secs_b).cast("long"))
+               .join(per, ["movieId", "centre"], "left")
+               .withColumn("m_active", F.log1p(F.coalesce(F.col("m_act"), F.lit(0)).cast("double"))).drop("centre", "m_act"))
+        names.append("m_active")
+    return out.drop("u_last", "u_mid", "m_first", "m_mid"), names
 
 
 def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4) -> PipelineModel:
@@ -218,7 +230,8 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
                                              users=sample_users(rest, h.ranker_max_users, seed))
     lists = lists.cache()
     nb = cached_item_neighbours(rest, h, seed)
-    feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb)
+    feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb,
+                                   h.ranker_active_days)
     # Materialized: the fit reads it, and the validation users' lists and held-out movies read it
     # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage);
     # a checkpoint, not a cache, so the queries on it do not plan its lineage again.
@@ -250,5 +263,6 @@ def serving_scores(model: PipelineModel, lists: DataFrame, train: DataFrame, tim
                    nb: DataFrame | None, implicit, cfg) -> DataFrame:
     """userId, movieId, prediction: the ranker's probability for each candidate of `lists`
     (model, userId, rank, movieId, score, because_movieId), its features built from `train`."""
-    feats, _ = ranker_features(lists, train, cfg.hybrid.candidate_models, pool_length(cfg), implicit, times, nb)
+    feats, _ = ranker_features(lists, train, cfg.hybrid.candidate_models, pool_length(cfg), implicit, times, nb,
+                               cfg.hybrid.ranker_active_days)
     return rank_scores(model, feats).withColumnRenamed("p", "prediction")
