@@ -31,6 +31,7 @@ from movierec_spark.content import content_top_n
 from movierec_spark.evaluation import ranking_metrics
 from movierec_spark.features import hash_sample
 from movierec_spark.ranker import item_neighbours
+from movierec_spark.recommend import RRF_K
 from movierec_spark.session import build_spark
 
 N = 50
@@ -143,7 +144,7 @@ def main() -> int:
         for name, weights in BLENDS.items():
             fused = None
             for src, w in weights.items():
-                part = lists[src].select("userId", "movieId", (F.lit(w) / (F.lit(60.0) + F.col("rank"))).alias("s"))
+                part = lists[src].select("userId", "movieId", (F.lit(w) / (F.lit(RRF_K) + F.col("rank"))).alias("s"))
                 fused = part if fused is None else fused.unionByName(part)
             fused = fused.groupBy("userId", "movieId").agg(F.sum("s").alias("s"))
             show(name, top_n_per_user(fused, 10, score=F.col("s")))

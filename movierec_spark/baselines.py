@@ -90,6 +90,28 @@ def popularity(train: DataFrame) -> DataFrame:
     return train.groupBy("movieId").agg(F.count(F.lit(1)).alias("n_ratings")).withColumn("pop_rank", F.row_number().over(w))
 
 
+# Popularity around a time: ratings counted per (movie, 30-day bucket of rated_at).
+BUCKET_DAYS = 30
+
+
+def time_bucket(seconds) -> Column:
+    """The 30-day bucket of a Column of epoch seconds."""
+    return F.floor(seconds / float(BUCKET_DAYS * 86400)).cast("long")
+
+
+def windowed_counts(times: DataFrame, window_days: int, centres: DataFrame | None = None) -> DataFrame:
+    """movieId, centre, c: each movie's ratings in `times` (movieId, rated_at) within about
+    `window_days` (whole buckets) of bucket `centre`, for every centre its ratings reach (or only
+    `centres`' column centre). Linear in the data: counted per (movie, bucket) first, each count
+    then spread to the 2 x window / 30 + 1 centres whose window holds it."""
+    half = max(1, round(window_days / BUCKET_DAYS))
+    spread = (times.select("movieId", time_bucket(F.unix_timestamp("rated_at")).alias("b")).groupBy("movieId", "b").count()
+              .select("movieId", "count", F.explode(F.sequence(F.col("b") - half, F.col("b") + half)).alias("centre")))
+    if centres is not None:
+        spread = spread.join(F.broadcast(centres.select("centre").distinct()), "centre")
+    return spread.groupBy("movieId", "centre").agg(F.sum("count").alias("c"))
+
+
 def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) -> DataFrame:
     """Per user, the n most popular movies (by train) they did not rate: userId, movieId, rank, score.
 

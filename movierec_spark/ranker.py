@@ -155,12 +155,10 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> 
     if active_days > 0:
         # How much the movie was rated around the user's median rating time (30-day buckets,
         # +/- active_days): the new users' "popularity when active" as a feature for everyone.
-        secs_b = 30 * 86400.0
-        half = max(1, round(active_days / 30))
-        per = (times.select("movieId", F.floor(secs / secs_b).cast("long").alias("b")).groupBy("movieId", "b").count()
-               .select("movieId", "count", F.explode(F.sequence(F.col("b") - half, F.col("b") + half)).alias("centre"))
-               .groupBy("movieId", "centre").agg(F.sum("count").alias("m_act")))
-        out = (out.withColumn("centre", F.floor(F.col("u_mid") / secs_b).cast("long"))
+        from .baselines import time_bucket, windowed_counts
+
+        per = windowed_counts(times, active_days).withColumnRenamed("c", "m_act")
+        out = (out.withColumn("centre", time_bucket(F.col("u_mid")))
                .join(per, ["movieId", "centre"], "left")
                .withColumn("m_active", F.log1p(F.coalesce(F.col("m_act"), F.lit(0)).cast("double"))).drop("centre", "m_act"))
         names.append("m_active")

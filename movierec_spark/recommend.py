@@ -65,7 +65,6 @@ def cold_user_lists(ratings: DataFrame, train: DataFrame, n: int, window_days: i
 # Reciprocal-rank fusion's constant: a list's position p contributes w / (RRF_K + p), so the
 # first few positions of every source count alike and a long tail counts little.
 RRF_K = 60.0
-BUCKET_DAYS = 30
 
 
 def new_users(train: DataFrame, max_ratings: int) -> DataFrame:
@@ -86,16 +85,10 @@ def active_popularity(train: DataFrame, users: DataFrame, window_days: int, n: i
     Linear in the data: ratings are counted per (movie, bucket), each count is spread to the
     buckets whose window holds it, and only the top n + (max history) per window centre the
     users need are kept before the per-user join."""
-    from .baselines import top_n_per_user
+    from .baselines import time_bucket, top_n_per_user, windowed_counts
 
-    secs = BUCKET_DAYS * 86400
-    bucket = lambda c: F.floor(F.unix_timestamp(c) / secs).cast("long")  # noqa: E731
-    half = max(1, round(window_days / BUCKET_DAYS))
-    centres = users.select(bucket("t_u").alias("centre")).distinct()
-    counts = (train.select("movieId", bucket("rated_at").alias("b")).groupBy("movieId", "b").count()
-              .select("movieId", "count", F.explode(F.sequence(F.col("b") - half, F.col("b") + half)).alias("centre"))
-              .join(F.broadcast(centres), "centre")
-              .groupBy("centre", "movieId").agg(F.sum("count").alias("c")))
+    bucket = lambda c: time_bucket(F.unix_timestamp(c))  # noqa: E731
+    counts = windowed_counts(train, window_days, users.select(bucket("t_u").alias("centre")))
     w = Window.partitionBy("centre").orderBy(F.col("c").desc(), F.col("movieId"))
     top = counts.withColumn("r", F.row_number().over(w)).where(F.col("r") <= n + max_seen)
     cands = (users.select("userId", bucket("t_u").alias("centre")).join(top, "centre")
