@@ -259,6 +259,14 @@ class HybridConfig(Section):
     # joins the other features make anyway), except implicit: with it excluded, no implicit ALS
     # is fitted and its column is 0.
     exclude_features: list[str] = Field(default_factory=lambda: ["knn", "implicit"])
+    # User demographics (the demo group: ml-100k's u.user, ml-1m's users.dat). "auto": where the
+    # run's users have them, the hybrid stage fits the GBT with and without the group and keeps
+    # the one with the lower validation RMSE (one more GBT fit; a dataset without demographics
+    # costs nothing); "on" / "off": always / never (off also when listed in exclude_features).
+    demographics: Literal["auto", "on", "off"] = "auto"
+    # Shrinkage of demo_res and occ_res (a movie's mean residual among similar users: sum / (n +
+    # demo_shrink)). Set by hand, not tuned: no dataset here has demographics.
+    demo_shrink: float = Field(5.0, ge=0)
     # MLlib GBTRegressor. Trees and depth chosen on the hybrid's validation rows of an
     # ml-latest-small random 80/20 run, with the features above (benchmarks/gbt_settings.py,
     # results/gbt-settings-ml-latest-small.md): validation RMSE 80x5 0.8202 (the old default,

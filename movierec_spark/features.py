@@ -24,6 +24,11 @@ Features (the article's names where it has them):
   (shrunk by hybrid.day_shrink) and their count; u_days, u_tdev: days since the user's first
   rating and from their mean rating time; m_age: years since the movie's release when rated.
 - implicit: implicit ALS's score of the pair (which movies the user chose to rate).
+- u_age, u_male: the user's age and gender where the layout has them (ml-100k's u.user, ml-1m's
+  users.dat; -1 without); demo_res, occ_res: the movie's mean baseline residual among the
+  user's gender and age band, and among the user's occupation (shrunk by hybrid.demo_shrink):
+  how people like this user rate this movie beyond its average. The hybrid stage keeps the
+  group only where it lowers its validation RMSE (hybrid.demographics).
 The GBT takes these less hybrid.exclude_features (hybrid.model_features).
 
 Scale: neighbour similarities come from sparse co-rating self-joins, never a dense all-pairs
@@ -44,7 +49,9 @@ from pyspark.sql import functions as F
 
 from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig, ImplicitAlsConfig
 from .session import materialize
-from .tables import CSMR, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
+from .tables import CSMR, FEATURE_GROUPS, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
+
+DEMO = FEATURE_GROUPS["demo"]
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +227,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
                   base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
                   seed: int, lo: float = 0.5, hi: float = 5.0, implicit_cfg: ImplicitAlsConfig | None = None,
                   user_nb: DataFrame | None = None, movie_nb: DataFrame | None = None, als_model=None,
-                  mean=None, finish=None) -> DataFrame:
+                  mean=None, finish=None, users: DataFrame | None = None) -> DataFrame:
     """Features of `pairs` (userId, movieId[, rating][, rated_at]) from the ratings in `fit` only.
 
     With `rated_at` in `fit`, the time features (day_res, day_n, u_days, u_tdev, m_age) are
@@ -234,7 +241,8 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     for the whole-train pass); `mean`: a per-row Column of the global mean, for a `fit` that
     holds several independent fits (batched_pass_features), instead of `fit`'s mean; `finish`: a
     DataFrame -> DataFrame step applied to the features before they are materialized (the
-    batched passes' id decoding), so the result is materialized once."""
+    batched passes' id decoding), so the result is materialized once. `users` (userId, gender,
+    age, occupation): the demographic features (without: u_age, u_male -1, demo_res, occ_res 0)."""
     from .als import fit_explicit, predict_explicit
     from .baselines import fit_bias
 
@@ -338,6 +346,11 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     else:
         feats = feats.withColumn("implicit", F.lit(None).cast("double"))
 
+    if users is not None:
+        feats = feats.join(demographic_features(resid, keys, users, cfg.demo_shrink), ["userId", "movieId"], "left")
+    else:
+        feats = feats.select("*", *[F.lit(None).cast("double").alias(c) for c in DEMO])
+
     # The article's fills: a missing neighbour's rating is the movie's (sur) or the user's (smr)
     # average; unknown users or movies get the global average.
     uavg = F.coalesce(F.col("UAvg"), g)
@@ -361,6 +374,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         F.coalesce("m_age", F.lit(-1.0)).alias("m_age"),
         # MLlib scores an unknown user or movie NaN (coldStartStrategy nan).
         F.nanvl(F.coalesce("implicit", F.lit(0.0)), F.lit(0.0)).cast("double").alias("implicit"),
+        *[F.coalesce(F.col(c).cast("double"), F.lit(-1.0 if c in ("u_age", "u_male") else 0.0)).alias(c) for c in DEMO],
     )
     label = pairs.select("userId", "movieId", F.col("rating").alias("label")) if "rating" in pairs.columns else None
     if label is not None:
@@ -370,6 +384,32 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         df.unpersist()
     bias.unpersist()
     return result
+
+
+def age_band(age):
+    """ml-1m's age groups (1: under 18, 18: 18-24, 25, 35, 45, 50, 56: 56+), which ml-1m's
+    users.dat already holds and ml-100k's exact ages fall into."""
+    return (F.when(age < 18, 1).when(age < 25, 18).when(age < 35, 25).when(age < 45, 35).when(age < 50, 45)
+            .when(age < 56, 50).when(age.isNotNull(), 56))
+
+
+def demographic_features(resid: DataFrame, keys: DataFrame, users: DataFrame, shrink: float) -> DataFrame:
+    """userId, movieId, u_age, u_male, demo_res, occ_res of `keys` from the residuals `resid`
+    (userId, movieId, res) of the fit ratings: the movie's summed residual over the fit ratings
+    of users of the pair's user's gender and age band (occupation), over their count + shrink.
+    A pair's own rating is never in `resid` (out-of-fold), so it never informs its features."""
+    gender = F.upper(F.trim("gender"))
+    u = users.select("userId", F.col("age").cast("double").alias("u_age"),
+                     F.when(gender == "M", 1.0).when(gender == "F", 0.0).alias("u_male"),
+                     age_band(F.col("age")).alias("_band"), F.lower(F.trim("occupation")).alias("_occ"))
+    r = resid.select("userId", "movieId", "res").join(u, "userId")
+    by_demo = r.groupBy("movieId", "u_male", "_band").agg(F.sum("res").alias("_ds"), F.count(F.lit(1)).alias("_dn"))
+    by_occ = r.groupBy("movieId", "_occ").agg(F.sum("res").alias("_os"), F.count(F.lit(1)).alias("_on"))
+    return (keys.join(u, "userId", "left").join(by_demo, ["movieId", "u_male", "_band"], "left")
+            .join(by_occ, ["movieId", "_occ"], "left")
+            .select("userId", "movieId", "u_age", "u_male",
+                    (F.col("_ds") / (F.col("_dn") + F.lit(shrink))).alias("demo_res"),
+                    (F.col("_os") / (F.col("_on") + F.lit(shrink))).alias("occ_res")))
 
 
 @dataclass
@@ -443,7 +483,7 @@ PASS = "_pass"
 
 
 def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tuple, user_nb: DataFrame,
-                          movie_nb: DataFrame) -> DataFrame | None:
+                          movie_nb: DataFrame, users: DataFrame | None = None) -> DataFrame | None:
     """pair_features of several passes in one call: features of every pass's keys (userId,
     movieId, features...), each row from its own pass's ratings only (the ratings outside its
     fold_out; all of them for a pass without one). The passes' keys must be distinct pairs (a
@@ -488,6 +528,8 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
         enc("movieId").alias("movieId"), "genres", *[c for c in ("year",) if c in movies.columns])
     e_sims = None if sims is None else sims.crossJoin(F.broadcast(pid.select("p"))).select(
         enc("movieId").alias("movieId"), enc("similar_movieId").alias("similar_movieId"), "similarity", "rank")
+    e_users = None if users is None else users.crossJoin(F.broadcast(pid.select("p"))).select(
+        enc("userId").alias("userId"), "gender", "age", "occupation")
     e_unb = user_nb.select(enc("userId").alias("userId"), enc("nb").alias("nb"), "sim", "rank")
     e_mnb = movie_nb.select(enc("movieId").alias("movieId"), enc("nb").alias("nb"), "sim", "rank")
     def decode(feats: DataFrame) -> DataFrame:
@@ -499,11 +541,12 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
 
     # Decoded before pair_features materializes its result: one copy, not two.
     return pair_features(fit, keys, e_movies, e_sims, *args[2:], user_nb=e_unb, movie_nb=e_mnb, mean=mean,
-                         finish=decode)
+                         finish=decode, users=e_users)
 
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
-                   folded: DataFrame | None = None, whole_als=None, batched: bool = True) -> list[DataFrame]:
+                   folded: DataFrame | None = None, whole_als=None, batched: bool = True,
+                   users: DataFrame | None = None) -> list[DataFrame]:
     """pair_features of every pass (each result materialized: `release` them once
     written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
 
@@ -512,7 +555,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     per pass.
     `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it.
     `batched` (with `folded` and several out-of-fold passes): those passes in one
-    batched_pass_features call.
+    batched_pass_features call. `users`: the demographics (the `users` table), if any.
     """
     nbs: list = []
     # One self-join over all of train instead of one over each pass's share of it: a win from
@@ -530,6 +573,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         p = passes[i]
         log.info("features: %s", p.what)
         own = {"als_model": whole_als} if p.fold_out is None and whole_als is not None else {}
+        own["users"] = users
         if nbs:
             own.update(user_nb=nbs[0].where(F.col("p") == i).drop("p"),
                        movie_nb=nbs[1].where(F.col("p") == i).drop("p"))
@@ -547,7 +591,8 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         if batch:
             log.info("features: %d out-of-fold passes in one batch (each pass's ids kept apart)", len(oof))
             got = batched_pass_features(folded, [passes[i] for i in oof], args,
-                                        nbs[0].where(F.col("p") < len(oof)), nbs[1].where(F.col("p") < len(oof)))
+                                        nbs[0].where(F.col("p") < len(oof)), nbs[1].where(F.col("p") < len(oof)),
+                                        users)
             if got is not None:
                 # The batch holds every out-of-fold pass's rows; labelled_rows takes each pass's by `_pass`.
                 return [got] * len(oof) + [run_pass(i) for i in range(len(oof), len(passes))]

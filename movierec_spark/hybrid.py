@@ -36,11 +36,12 @@ def model_features(cfg: HybridConfig) -> list[str]:
     return [f for f in FEATURES if f not in out]
 
 
-def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple[PipelineModel, list[tuple[str, float]], int]:
+def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int,
+               cols: list[str] | None = None) -> tuple[PipelineModel, list[tuple[str, float]], int]:
     """Fit assembler + GBT on labelled feature rows; returns the model, importances (desc) and
     the number of trees. Rows with a true `is_val` column are not trained on; with
     `validation_tol` set, MLlib stops boosting once their error improves by less than that
-    share (validationIndicatorCol)."""
+    share (validationIndicatorCol). `cols`: the feature columns (default model_features(cfg))."""
     from pyspark.ml import Pipeline
 
     data = train_features.where(F.col("label").isNotNull())
@@ -64,7 +65,7 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int) -> tuple
         else:
             gbt = gbt.setValidationIndicatorCol("is_val").setParams(validationTol=cfg.validation_tol)
     data = gbt_input(data).cache()
-    cols = model_features(cfg)
+    cols = cols or model_features(cfg)
     model = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="x", handleInvalid="keep"), gbt]).fit(data)
     imp = model.stages[-1].featureImportances.toArray()
     ranked = sorted(zip(cols, imp.tolist()), key=lambda t: -t[1])

@@ -230,9 +230,13 @@ def features_stage(ctx: RunContext) -> dict:
             # Implicit ALS's score costs an ALS fit per pass: only when the GBT takes it.
             cfg.als_implicit if "implicit" in model_features(h) else None)
     folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
+    # Demographics where the layout has them (ml-100k, ml-1m) and the GBT may take them.
+    users = optional_table(ctx, "users") if h.demographics != "off" and "demo" in _groups_taken(h) else None
+    if users is not None:
+        log.info("features: user demographics (gender, age, occupation) from the users table")
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
-                             batched=h.batched_passes)
+                             batched=h.batched_passes, users=users)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     from .session import release
 
@@ -244,12 +248,20 @@ def features_stage(ctx: RunContext) -> dict:
     return out
 
 
+def _groups_taken(h) -> set[str]:
+    """The feature groups of which the GBT may take at least one column."""
+    from .hybrid import model_features
+
+    cols = set(model_features(h))
+    return {g for g, members in tables.FEATURE_GROUPS.items() if cols & set(members)}
+
+
 def hybrid_stage(ctx: RunContext) -> dict:
     """GBTRegressor over the features: predictions (model 'hybrid'), validation figures and
     feature_importances."""
     from .evaluation import rating_metrics
     from .features import hash_sample
-    from .hybrid import fit_hybrid, predict_hybrid
+    from .hybrid import predict_hybrid
 
     cfg, spark = ctx.cfg, ctx.spark
     h, seed = cfg.hybrid, cfg.pipeline.seed
@@ -261,8 +273,8 @@ def hybrid_stage(ctx: RunContext) -> dict:
     if h.validation_fraction > 0:
         # Out-of-fold rows the GBT does not train on: early stopping, and the validation figures.
         rows = rows.withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
-    model, importances, trees = fit_hybrid(rows, h, seed)
-    out = {"top_features": [f for f, _ in importances[:5]], "trees": trees}
+    model, importances, trees, demo = _fit_with_demographics(rows, h, seed, lo, hi)
+    out = {"top_features": [f for f, _ in importances[:5]], "trees": trees, **demo}
     if h.validation_fraction > 0:
         got = rating_metrics(predict_hybrid(model, rows.where("is_val AND label IS NOT NULL"), lo, hi),
                              label_col="label")
@@ -277,6 +289,36 @@ def hybrid_stage(ctx: RunContext) -> dict:
                                 tables.TABLE_SCHEMAS["feature_importances"])
     tables.replace_where(spark, imp, ctx.warehouse, "feature_importances", {"run_id": ctx.run_id}, fresh=ctx.fresh)
     return out
+
+
+def _fit_with_demographics(rows, h, seed: int, lo: float, hi: float):
+    """fit_hybrid's (model, importances, trees) and what the stage records of the demographic
+    features: without any in the rows, the GBT leaves them out (constant columns); with them and
+    hybrid.demographics auto, it is fitted with and without them and the fit with the lower RMSE
+    on the validation rows is kept (a feature group stays only where it helps on validation)."""
+    from .evaluation import rating_metrics
+    from .hybrid import fit_hybrid, model_features, predict_hybrid
+
+    cols = model_features(h)
+    demo = [c for c in tables.FEATURE_GROUPS["demo"] if c in cols]
+    if not demo:
+        return (*fit_hybrid(rows, h, seed, cols), {})
+    without = [c for c in cols if c not in demo]
+    if rows.where((F.col("u_age") >= 0) | (F.col("u_male") >= 0)).isEmpty():
+        return (*fit_hybrid(rows, h, seed, without), {})
+    if h.demographics == "on" or "is_val" not in rows.columns:
+        return (*fit_hybrid(rows, h, seed, cols), {"demographics": {"kept": True}})
+    val = rows.where("is_val AND label IS NOT NULL").cache()
+    fits, rmse = {}, {}
+    for name, use in (("with", cols), ("without", without)):
+        fits[name] = fit_hybrid(rows, h, seed, use)
+        rmse[name] = rating_metrics(predict_hybrid(fits[name][0], val, lo, hi), label_col="label")["rmse"]
+    val.unpersist()
+    keep = rmse["with"] < rmse["without"]
+    log.info("hybrid: validation RMSE %.4f with the demographic features, %.4f without: %s", rmse["with"],
+             rmse["without"], "kept" if keep else "left out")
+    return (*fits["with" if keep else "without"],
+            {"demographics": {"kept": keep, **{f"rmse_{k}": round(v, 4) for k, v in rmse.items()}}})
 
 
 def recommend_stage(ctx: RunContext) -> dict:

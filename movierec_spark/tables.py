@@ -95,7 +95,9 @@ FEATURES = (["GAvg", "UAvg", "MAvg", "u_n", "m_n", "u_std", "m_std"] + SUR + ["n
             # time, and implicit ALS's score of the pair. New columns: tables written before
             # them get them added (null) on their next write.
             + ["knn_item", "knn_item_n", "knn_user", "knn_user_n", "day_res", "day_n", "u_days", "u_tdev", "m_age",
-               "implicit"])
+               "implicit",
+               # User demographics (ml-100k, ml-1m): -1 / 0 where the layout has none.
+               "u_age", "u_male", "demo_res", "occ_res"])
 # The hybrid's feature groups (benchmarks/feature_ablation.py leaves each out in turn;
 # hybrid.exclude_features takes these names or single columns).
 FEATURE_GROUPS = {
@@ -103,6 +105,7 @@ FEATURE_GROUPS = {
     "day": ["day_res", "day_n"],
     "time": ["u_days", "u_tdev", "m_age"],
     "implicit": ["implicit"],
+    "demo": ["u_age", "u_male", "demo_res", "occ_res"],
 }
 
 

@@ -100,8 +100,11 @@ def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     # A model the whole-train pass would not fit itself (another rank): its predictions prove it was used.
     bias = fit_bias(train, BaselineConfig())
     given = fit_explicit(train, bias, AlsConfig(rank=3, max_iter=4), 7)
-    one = compute_passes(spark, passes, args, folded=folded, batched=False, whole_als=given)
-    many = compute_passes(spark, passes, args, folded=folded, batched=True, whole_als=given)
+    # Demographics for most users: each pass's like-user residuals stay within the pass too.
+    users = spark.createDataFrame([(u * 7 + 3, "MF"[u % 2], 15 + u, f"job{u % 3}", "0") for u in range(35)],
+                                  "userId int, gender string, age int, occupation string, zip string")
+    one = compute_passes(spark, passes, args, folded=folded, batched=False, whole_als=given, users=users)
+    many = compute_passes(spark, passes, args, folded=folded, batched=True, whole_als=given, users=users)
     assert len(many) == 3 and many[0] is many[1] and many[0] is not one[0]
     want = {(r.userId, r.movieId): r.prediction for r in
             predict_explicit(given, bias, test.select("userId", "movieId"), True).collect()}
@@ -195,3 +198,41 @@ def test_exclude_features_takes_groups_and_columns_and_refuses_unknown_names():
     assert not {"implicit", "knn_item"} & set(model_features(HybridConfig()))
     with pytest.raises(ValueError, match="unknown feature or group 'nope'"):
         model_features(HybridConfig(exclude_features=["nope"]))
+
+
+def test_demographic_features_average_the_residuals_of_like_users(spark):
+    # demo_res: the movie's mean baseline residual among the fit ratings of users of the pair's
+    # user's gender and age band (shrunk); occ_res: the same by occupation. Men of 18-24 loved
+    # movie 10, women of 25-34 hated it: a young man's pair leans up, a woman's down, and a user
+    # without a demographics row gets the neutral fill.
+    from pyspark.sql import functions as F
+
+    from movierec_spark.baselines import fit_bias
+    from movierec_spark.config import AlsConfig, BaselineConfig, ContentConfig
+    from movierec_spark.features import pair_features
+
+    people = {u: ("M", 19 + u, "student" if u <= 2 else "writer") for u in range(1, 5)}
+    people.update({u: ("F", 26 + u, "writer") for u in range(5, 9)})
+    people.update({9: ("M", 21, "student"), 11: ("F", 30, "writer")})  # the pairs' users
+    users = spark.createDataFrame([(u, g, a, o, "00000") for u, (g, a, o) in people.items()],
+                                  "userId int, gender string, age int, occupation string, zip string")
+    rows = [(u, 10, 5.0 if u <= 4 else 1.0) for u in range(1, 9)]
+    rows += [(u, m, float(1 + (u + m) % 5)) for u in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) for m in (20, 21, 22)]
+    fit = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    movies = spark.createDataFrame([(m, ["Drama"]) for m in (10, 20, 21, 22)], "movieId int, genres array<string>")
+    pairs = spark.createDataFrame([(9, 10, 4.0), (11, 10, 2.0), (10, 10, 3.0)], "userId int, movieId int, rating double")
+    h = HybridConfig(neighbours=5, min_common=1, cap_per_movie=None, cap_per_user=None)
+    got = {r.userId: r for r in pair_features(fit, pairs, movies, None, BaselineConfig(), AlsConfig(rank=2, max_iter=3),
+                                              ContentConfig(), h, 42, 0.5, 5.0, users=users).collect()}
+
+    res = {r.userId: r.res for r in fit_bias(fit, BaselineConfig()).predict(fit.where("movieId = 10"))
+           .select("userId", (F.col("rating") - F.col("baseline")).alias("res")).collect()}
+    young_men, women = [1, 2, 3, 4], [5, 6, 7, 8]
+    k = h.demo_shrink
+    assert (got[9].u_age, got[9].u_male, got[11].u_male) == (21.0, 1.0, 0.0)
+    assert got[9].demo_res == pytest.approx(sum(res[u] for u in young_men) / (4 + k), abs=1e-9) and got[9].demo_res > 0
+    assert got[11].demo_res == pytest.approx(sum(res[u] for u in women) / (4 + k), abs=1e-9) and got[11].demo_res < 0
+    assert got[9].occ_res == pytest.approx((res[1] + res[2]) / (2 + k), abs=1e-9)  # the students
+    assert got[11].occ_res == pytest.approx(sum(res[u] for u in [3, 4, *women]) / (6 + k), abs=1e-9)
+    z = got[10]  # no demographics row
+    assert (z.u_age, z.u_male, z.demo_res, z.occ_res) == (-1.0, -1.0, 0.0, 0.0)

@@ -29,8 +29,11 @@ def test_every_test_pair_gets_a_hybrid_prediction(hybrid_run):
     assert tf.count() == train.count() and tf.select("userId", "movieId").distinct().count() == train.count()
     assert feats.where(" OR ".join(f"isnan({c}) OR {c} IS NULL" for c in FEATURES)).count() == 0
     imp = {r.feature: r.importance for r in tables.read_table(spark, wh, "feature_importances").where("run_id = 'hy'").collect()}
-    # One importance per column the GBT took: FEATURES less hybrid.exclude_features.
-    assert set(imp) == set(model_features(cfg.hybrid)) and math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
+    # One importance per column the GBT took: FEATURES less hybrid.exclude_features, and less
+    # the demographic group, which a dataset without users' demographics leaves constant.
+    assert set(imp) == set(model_features(cfg.hybrid)) - set(tables.FEATURE_GROUPS["demo"])
+    assert math.isclose(sum(imp.values()), 1.0, abs_tol=1e-6)
+    assert feats.where("u_age != -1 OR u_male != -1 OR demo_res != 0 OR occ_res != 0").isEmpty()
     assert "day_res" in imp and "knn_item" not in imp
 
 
@@ -195,3 +198,28 @@ def test_a_rows_own_rating_never_reaches_its_features(hybrid_run):
     assert after.label == new  # the label moved...
     for c in FEATURES:  # ...its features did not (float tolerance for ALS's summation order)
         assert getattr(after, c) == pytest.approx(getattr(before, c), rel=1e-4, abs=1e-4), c
+
+
+def test_demographic_features_stay_only_where_they_lower_the_validation_rmse(spark):
+    # The hybrid stage's choice on feature rows whose label follows demo_res: with the group the
+    # validation RMSE is lower, so it is kept; rows without demographics (every user -1) never
+    # cost a second fit and the GBT leaves the constant columns out.
+    from movierec_spark.config import HybridConfig
+    from movierec_spark.stages import _fit_with_demographics
+
+    h = HybridConfig(max_iter=15, max_depth=3, min_instances_per_node=5)
+    demo = tables.FEATURE_GROUPS["demo"]
+    base = spark.range(3000).select(
+        *[(F.rand(seed=i) * 2).alias(c) for i, c in enumerate(FEATURES) if c not in demo],
+        F.lit(30.0).alias("u_age"), (F.col("id") % 2).cast("double").alias("u_male"),
+        (F.rand(seed=99) * 2 - 1).alias("demo_res"), F.lit(0.0).alias("occ_res"),
+        (F.rand(seed=7) < 0.2).alias("is_val"))
+    rows = base.withColumn("label", 3.0 + 1.5 * F.col("demo_res") + F.rand(seed=5) * 0.2).cache()
+    model, imp, trees, out = _fit_with_demographics(rows, h, 42, 0.5, 5.0)
+    d = out["demographics"]
+    assert d["kept"] and d["rmse_with"] < 0.5 * d["rmse_without"]
+    assert {"demo_res", "u_male"} <= {f for f, _ in imp} and trees == 15
+    none = rows.withColumn("u_age", F.lit(-1.0)).withColumn("u_male", F.lit(-1.0))
+    _, imp, _, out = _fit_with_demographics(none, h, 42, 0.5, 5.0)
+    assert out == {} and not set(demo) & {f for f, _ in imp}
+    rows.unpersist()
