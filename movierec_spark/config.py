@@ -368,7 +368,7 @@ class RecommendConfig(Section):
 class TuneConfig(Section):
     """Settings chosen on validation data carved from the train part (tune.py), never on a test
     part. Today: implicit ALS's rank, reg_param, alpha and confidence, by a coordinate search
-    (one sweep over each list, the others held at the best so far)."""
+    (rank, reg_param, then alpha and confidence together; the others held at the best so far)."""
     # auto: tune when the train part has at most `max_ratings` ratings (a serve run first reuses
     # an earlier run's choice, see reuse_max_change); true: always; false: the config's values.
     enabled: bool | Literal["auto"] = "auto"
