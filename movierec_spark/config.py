@@ -381,6 +381,13 @@ class TuneConfig(Section):
     # A run reuses the newest succeeded run's choice on this warehouse while its train part's
     # size differs from the one that run tuned on by at most this share (0: always retune).
     reuse_max_change: float = Field(0.1, ge=0)
+    # The rating models too (tune.py tune_rating_models): the bias baseline's shrinkage, then the
+    # residual ALS's rank and reg_param, by RMSE on the same validation fold (false: the config's).
+    rating_models: bool = True
+    baseline_item_regs: list[float] = Field(default_factory=lambda: [0.5, 5.0, 25.0], min_length=1)
+    baseline_user_regs: list[float] = Field(default_factory=lambda: [1.0, 10.0], min_length=1)
+    als_ranks: list[int] = Field(default_factory=lambda: [10, 32], min_length=1)
+    als_reg_params: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.25], min_length=1)
     implicit_ranks: list[int] = Field(default_factory=lambda: [10, 20, 32], min_length=1)
     implicit_reg_params: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.3], min_length=1)
     implicit_alphas: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 20.0], min_length=1)

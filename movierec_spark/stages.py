@@ -82,15 +82,19 @@ def _check_parts(ctx: RunContext, train: int, test: int, how: str) -> None:
 
 def baselines_stage(ctx: RunContext) -> dict:
     from .baselines import global_mean, popularity_top_n
+    from .tune import choose_rating_models
 
     train, test = split_frames(ctx)
+    # May change ctx.cfg.baseline and ctx.cfg.als for the rest of the run (before the bias model
+    # is fitted and memoised below).
+    tuned = choose_rating_models(ctx, train, *rating_scale(ctx))
     mu = global_mean(train)
     if not ctx.serving:  # a serve run has no test part to predict
         write_predictions(ctx, "global_mean", test.withColumn("prediction", F.lit(mu)))
         preds = bias_model(ctx, train).predict(test).withColumnRenamed("baseline", "prediction")
         write_predictions(ctx, "bias_baseline", preds)
     write_top_n(ctx, "popularity", popularity_top_n(train, max(ctx.cfg.evaluation.ks)))
-    return {"global_mean": round(mu, 4)}
+    return {"global_mean": round(mu, 4), **tuned}
 
 
 def als_stage(ctx: RunContext) -> dict:

@@ -18,11 +18,16 @@ So a run picks them itself, on its own train part:
   binary with a much larger effective alpha (on ml-latest-small's stratified train part it
   scored rating at alpha 5 below binary, 0.1676 against 0.1783 validation nDCG@10, while
   rating at alpha 1 scored 0.1818);
+- the rating models (the bias baseline's shrinkage, the residual ALS's rank and reg_param): each
+  candidate fitted on the fit part and scored by RMSE on the held-out ratings; a coordinate
+  search: the baseline's item_reg, then user_reg, then (on the chosen baseline's residuals) ALS's
+  rank, then reg_param (about ten fits: bias fits take a second, ALS fits a few);
 - a later serve run on the same warehouse reuses the newest run's choice while its train part's
   size is within `tune.reuse_max_change` of the one it was chosen on (an evaluate run always
   chooses on its own train part: a serve run's choice saw its test ratings).
 
-The choice is recorded with the run (`runs.config`, key "tuned") and its stage result.
+The choice is recorded with the run (`runs.config`, key "tuned": every tuned section's
+settings) and with the stage that made it (baselines: the rating models; als_implicit).
 """
 
 from __future__ import annotations
@@ -123,6 +128,104 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
     return best, trials
 
 
+def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: float) -> tuple[dict, list[dict]]:
+    """(best, trials): the bias baseline's item_reg and user_reg, then the residual ALS's rank
+    and reg_param, chosen by RMSE on a validation fold of `train` (the one tune_implicit holds
+    out); best = {"baseline": {...}, "als": {...}}; trials holds every point with its RMSE and
+    seconds. The ALS candidates are fitted to the chosen baseline's residuals."""
+    from .als import fit_explicit, predict_explicit
+    from .baselines import fit_bias
+    from .evaluation import rating_metrics
+
+    t = cfg.tune
+    fit_part, held = validation_fold(train, seed, t.validation_ratio, t.min_user_ratings)
+    fit_part, held = fit_part.select("userId", "movieId", "rating").cache(), held.cache()
+    trials: list[dict] = []
+    scores: dict[tuple, float] = {}
+    bias = None
+
+    def trial(section: str, setting: dict, run) -> float:
+        key = (section, *sorted(setting.items()))
+        if key not in scores:
+            t0 = time.perf_counter()
+            scores[key] = run()
+            trials.append({"model": section, **setting, "rmse": round(scores[key], 4),
+                           "seconds": round(time.perf_counter() - t0, 1)})
+            log.info("tune: %s %s: validation RMSE %.4f (%.1f s)", section, setting, scores[key], trials[-1]["seconds"])
+        return scores[key]
+
+    def baseline_rmse(setting: dict) -> float:
+        def run():
+            b = fit_bias(fit_part, cfg.baseline.model_copy(update=setting), lo, hi)
+            out = rating_metrics(b.predict(held).withColumnRenamed("baseline", "prediction"))["rmse"]
+            b.unpersist()
+            return out
+        return trial("baseline", setting, run)
+
+    def als_rmse(setting: dict) -> float:
+        def run():
+            als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
+            return rating_metrics(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
+                                                   lo, hi))["rmse"]
+        return trial("als", setting, run)
+
+    def sweep(best: dict, grids: dict, rmse) -> dict:
+        current = rmse(best)
+        for key, values in grids.items():
+            for v in values:
+                cand = {**best, key: v}
+                got = rmse(cand)
+                if got < current:
+                    best, current = cand, got
+        return best
+
+    try:
+        base = sweep({k: getattr(cfg.baseline, k) for k in ("item_reg", "user_reg")},
+                     {"item_reg": t.baseline_item_regs, "user_reg": t.baseline_user_regs}, baseline_rmse)
+        # The ALS candidates fit the residuals of the baseline chosen above.
+        bias = fit_bias(fit_part, cfg.baseline.model_copy(update=base), lo, hi)
+        als = sweep({k: getattr(cfg.als, k) for k in ("rank", "reg_param")},
+                    {"rank": t.als_ranks, "reg_param": t.als_reg_params}, als_rmse)
+    finally:
+        if bias is not None:
+            bias.unpersist()
+        fit_part.unpersist()
+        held.unpersist()
+    best = {"baseline": base, "als": als}
+    log.info("tune: rating models chose %s after %d fits", best, len(trials))
+    return best, trials
+
+
+def _reused(ctx, n_train: int, section: str) -> dict | None:
+    """The newest run's tuned settings when a serve run may reuse them and they hold `section`."""
+    if not ctx.serving:
+        return None
+    reused = reusable(ctx.spark, ctx.warehouse, n_train, ctx.cfg.tune.reuse_max_change)
+    return reused if reused and section in reused.get("settings", {}) else None
+
+
+def choose_rating_models(ctx, train: DataFrame, lo: float, hi: float) -> dict:
+    """The baselines stage's tuning step: the baseline's shrinkage and the residual ALS's rank
+    and reg_param for the rest of the run (ctx.cfg); returns what the stage result records."""
+    cfg = ctx.cfg
+    n_train = train.count()
+    if not should_tune(cfg, n_train) or not cfg.tune.rating_models:
+        return {}
+    reused = _reused(ctx, n_train, "baseline")
+    if reused:
+        settings = {s: reused["settings"][s] for s in ("baseline", "als") if s in reused["settings"]}
+        log.info("tune: reusing run %s's rating-model choice %s", reused.get("run_id"), settings)
+        tuned = {"settings": settings, "ratings": reused.get("ratings"), "run_id": reused.get("run_id")}
+        ctx.apply_tuned(tuned)
+        return {"tuned": tuned, "tune": {"reused_from": reused.get("run_id")}}
+    t0 = time.perf_counter()
+    best, trials = tune_rating_models(train, cfg, cfg.pipeline.seed, lo, hi)
+    tuned = {"settings": best, "ratings": n_train, "run_id": ctx.run_id}
+    ctx.apply_tuned(tuned)
+    return {"tuned": tuned, "tune": {"fits": len(trials), "seconds": round(time.perf_counter() - t0, 1),
+                                     "trials": trials}}
+
+
 def choose_implicit(ctx, train: DataFrame) -> dict:
     """The als_implicit stage's tuning step: applies the chosen settings to the run (ctx.cfg)
     and returns what the stage result records ({} when tuning is off for this run)."""
@@ -134,12 +237,14 @@ def choose_implicit(ctx, train: DataFrame) -> dict:
         return {}
     # Only a serve run reuses: an evaluate run's choice must come from its own train part (a
     # serve run's choice saw every rating, so also what an evaluate run holds out as test).
-    reused = reusable(ctx.spark, ctx.warehouse, n_train, cfg.tune.reuse_max_change) if ctx.serving else None
-    if reused and "als_implicit" in reused.get("settings", {}):
+    reused = _reused(ctx, n_train, "als_implicit")
+    if reused:
         log.info("tune: reusing run %s's choice %s (train size %d then, %d now)", reused.get("run_id"),
                  reused["settings"]["als_implicit"], reused.get("ratings", 0), n_train)
-        ctx.apply_tuned(reused)
-        return {"tuned": reused, "tune": {"reused_from": reused.get("run_id")}}
+        tuned = {"settings": {"als_implicit": reused["settings"]["als_implicit"]},
+                 "ratings": reused.get("ratings"), "run_id": reused.get("run_id")}
+        ctx.apply_tuned(tuned)
+        return {"tuned": tuned, "tune": {"reused_from": reused.get("run_id")}}
     t0 = time.perf_counter()
     best, trials = tune_implicit(train, cfg, cfg.pipeline.seed)
     tuned = {"settings": {"als_implicit": best}, "ratings": n_train, "run_id": ctx.run_id}

@@ -17,7 +17,10 @@ from .conftest import make_config
 # A grid of 3 distinct points (the start point is in it): the search's logic, at CI's cost.
 SMALL_GRID = dict(tune__implicit_ranks=[4, 6], tune__implicit_reg_params=[0.1], tune__implicit_alphas=[1.0],
                   tune__implicit_confidences=["binary", "rating"], als_implicit__rank=6, als_implicit__max_iter=5,
-                  als_implicit__reg_param=0.1, als_implicit__alpha=1.0)
+                  als_implicit__reg_param=0.1, als_implicit__alpha=1.0,
+                  # The rating models' search: 3 baseline fits, then 3 residual ALS fits.
+                  tune__baseline_item_regs=[0.5], tune__baseline_user_regs=[10.0], tune__als_ranks=[4],
+                  tune__als_reg_params=[0.3], als__rank=6, als__max_iter=5)
 
 
 def test_validation_fold_holds_out_a_share_of_each_heavy_users_ratings(spark):
@@ -41,7 +44,7 @@ def tuned_runs(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     generate_dataset(root / "gen", users=50, movies=100, ratings=2_000, seed=3)
     wh = root / "wh"
-    stages = ["ingest", "split", "als_implicit"]
+    stages = ["ingest", "split", "baselines", "als_implicit"]
     # pipeline.stages without recommend: als_implicit lists no candidate pool for the ranker.
     serve = make_config(wh, tune__enabled="auto", pipeline__stages=stages, **SMALL_GRID)
     first = run_pipeline(spark, serve, str(root / "gen"), stages=stages, run_id="t1")
@@ -110,3 +113,25 @@ def test_tune_setting_is_validated(tmp_path):
     with pytest.raises(ConfigError):
         load_config(None, {"paths.warehouse": str(tmp_path / "wh"), "tune.enabled": "sometimes"})
     assert load_config(None, {"paths.warehouse": str(tmp_path / "wh")}).tune.enabled == "auto"
+
+
+def test_the_rating_models_are_tuned_on_the_same_fold_and_recorded_with_the_rest(spark, tuned_runs):
+    serve, first, _, third = tuned_runs
+    for run in (first, third):
+        res = run.results["baselines"]
+        chosen, trials = res["tuned"]["settings"], res["tune"]["trials"]
+        assert res["tune"]["fits"] == 6 and set(chosen) == {"baseline", "als"}
+        # A coordinate search only moves to a better point: the choice is each model's lowest RMSE,
+        # the ALS candidates fitted on the chosen baseline's residuals.
+        for model, keys in (("baseline", ("item_reg", "user_reg")), ("als", ("rank", "reg_param"))):
+            mine = [t for t in trials if t["model"] == model]
+            assert len(mine) == 3 and all(t["rmse"] > 0 for t in mine)
+            top = min(mine, key=lambda t: t["rmse"])
+            assert chosen[model] == {k: top[k] for k in keys}
+            # The run went on with them.
+            assert {k: getattr(getattr(run.cfg, model), k) for k in keys} == chosen[model]
+    # The evaluate run chose on its own train part.
+    assert third.results["baselines"]["tuned"]["run_id"] == "t3"
+    # `runs` keeps every tuned section, the rating models' and implicit ALS's.
+    row = tables.read_table(spark, serve.paths.warehouse, "runs").where("run_id = 't1'").first()
+    assert set(json.loads(row["config"])["tuned"]["settings"]) == {"baseline", "als", "als_implicit"}
