@@ -19,9 +19,9 @@ So a run picks them itself, on its own train part:
   scored rating at alpha 5 below binary, 0.1676 against 0.1783 validation nDCG@10, while
   rating at alpha 1 scored 0.1818);
 - the rating models (the bias baseline's shrinkage, the residual ALS's rank and reg_param): each
-  candidate fitted on the fit part and scored by RMSE on the held-out ratings; a coordinate
-  search: the baseline's item_reg, then user_reg, then (on the chosen baseline's residuals) ALS's
-  rank, then reg_param (about ten fits: bias fits take a second, ALS fits a few);
+  candidate fitted on the fit part and scored by RMSE on the held-out ratings: the baseline's
+  whole item_reg x user_reg grid side by side (one fit's Spark jobs), then on the chosen
+  baseline's residuals a coordinate search over ALS's rank, then reg_param (about six fits);
 - a later serve run on the same warehouse reuses the newest run's choice while its train part's
   size is within `tune.reuse_max_change` of the one it was chosen on (an evaluate run always
   chooses on its own train part: a serve run's choice saw its test ratings).
@@ -128,64 +128,63 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
     return best, trials
 
 
+def _rmse(pred: DataFrame) -> float:
+    """RMSE of `prediction` against `rating`: one aggregation (rating_metrics' checks and
+    evaluators cost a few jobs more per candidate)."""
+    return float(pred.agg(F.sqrt(F.avg((F.col("rating") - F.col("prediction")) ** 2))).first()[0])
+
+
 def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: float) -> tuple[dict, list[dict]]:
-    """(best, trials): the bias baseline's item_reg and user_reg, then the residual ALS's rank
-    and reg_param, chosen by RMSE on a validation fold of `train` (the one tune_implicit holds
-    out); best = {"baseline": {...}, "als": {...}}; trials holds every point with its RMSE and
-    seconds. The ALS candidates are fitted to the chosen baseline's residuals."""
+    """(best, trials): the bias baseline's item_reg x user_reg grid (every point, fitted side by
+    side: baselines.bias_grid_rmse), then the residual ALS's rank and reg_param on the chosen
+    baseline's residuals (a coordinate search), chosen by RMSE on a validation fold of `train`
+    (the one tune_implicit holds out); best = {"baseline": {...}, "als": {...}}; trials holds
+    every point with its RMSE and seconds."""
     from .als import fit_explicit, predict_explicit
-    from .baselines import fit_bias
-    from .evaluation import rating_metrics
+    from .baselines import bias_grid_rmse, fit_bias
 
     t = cfg.tune
     fit_part, held = validation_fold(train, seed, t.validation_ratio, t.min_user_ratings)
     fit_part, held = fit_part.select("userId", "movieId", "rating").cache(), held.cache()
     trials: list[dict] = []
-    scores: dict[tuple, float] = {}
     bias = None
-
-    def trial(section: str, setting: dict, run) -> float:
-        key = (section, *sorted(setting.items()))
-        if key not in scores:
-            t0 = time.perf_counter()
-            scores[key] = run()
-            trials.append({"model": section, **setting, "rmse": round(scores[key], 4),
-                           "seconds": round(time.perf_counter() - t0, 1)})
-            log.info("tune: %s %s: validation RMSE %.4f (%.1f s)", section, setting, scores[key], trials[-1]["seconds"])
-        return scores[key]
-
-    def baseline_rmse(setting: dict) -> float:
-        def run():
-            b = fit_bias(fit_part, cfg.baseline.model_copy(update=setting), lo, hi)
-            out = rating_metrics(b.predict(held).withColumnRenamed("baseline", "prediction"))["rmse"]
-            b.unpersist()
-            return out
-        return trial("baseline", setting, run)
-
-    def als_rmse(setting: dict) -> float:
-        def run():
-            als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
-            return rating_metrics(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
-                                                   lo, hi))["rmse"]
-        return trial("als", setting, run)
-
-    def sweep(best: dict, grids: dict, rmse) -> dict:
-        current = rmse(best)
-        for key, values in grids.items():
-            for v in values:
-                cand = {**best, key: v}
-                got = rmse(cand)
-                if got < current:
-                    best, current = cand, got
-        return best
-
     try:
-        base = sweep({k: getattr(cfg.baseline, k) for k in ("item_reg", "user_reg")},
-                     {"item_reg": t.baseline_item_regs, "user_reg": t.baseline_user_regs}, baseline_rmse)
+        t0 = time.perf_counter()
+        items = sorted({cfg.baseline.item_reg, *t.baseline_item_regs})
+        users = sorted({cfg.baseline.user_reg, *t.baseline_user_regs})
+        grid = [(i, u) for i in items for u in users]
+        got = bias_grid_rmse(fit_part, held, grid, cfg.baseline.iterations, lo, hi)
+        secs = round(time.perf_counter() - t0, 1)
+        for (i, u), e in zip(grid, got):
+            trials.append({"model": "baseline", "item_reg": i, "user_reg": u, "rmse": round(e, 4)})
+        log.info("tune: baseline, %d settings side by side in %.1f s: %s", len(grid), secs,
+                 ", ".join(f"({i:g}, {u:g}) {e:.4f}" for (i, u), e in zip(grid, got)))
+        item_reg, user_reg = min(zip(got, grid))[1]
+        base = {"item_reg": item_reg, "user_reg": user_reg}
         # The ALS candidates fit the residuals of the baseline chosen above.
         bias = fit_bias(fit_part, cfg.baseline.model_copy(update=base), lo, hi)
-        als = sweep({k: getattr(cfg.als, k) for k in ("rank", "reg_param")},
-                    {"rank": t.als_ranks, "reg_param": t.als_reg_params}, als_rmse)
+        scores: dict[tuple, float] = {}
+
+        def als_rmse(setting: dict) -> float:
+            key = tuple(sorted(setting.items()))
+            if key not in scores:
+                t0 = time.perf_counter()
+                als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
+                scores[key] = _rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
+                                                     lo, hi))
+                trials.append({"model": "als", **setting, "rmse": round(scores[key], 4),
+                               "seconds": round(time.perf_counter() - t0, 1)})
+                log.info("tune: als %s: validation RMSE %.4f (%.1f s)", setting, scores[key], trials[-1]["seconds"])
+            return scores[key]
+
+        als = {k: getattr(cfg.als, k) for k in ("rank", "reg_param")}
+        current = als_rmse(als)
+        for key, values in (("rank", t.als_ranks), ("reg_param", t.als_reg_params)):
+            for v in values:
+                cand = {**als, key: v}
+                e = als_rmse(cand)
+                if e < current:
+                    als, current = cand, e
     finally:
         if bias is not None:
             bias.unpersist()

@@ -18,7 +18,7 @@ from .conftest import make_config
 SMALL_GRID = dict(tune__implicit_ranks=[4, 6], tune__implicit_reg_params=[0.1], tune__implicit_alphas=[1.0],
                   tune__implicit_confidences=["binary", "rating"], als_implicit__rank=6, als_implicit__max_iter=5,
                   als_implicit__reg_param=0.1, als_implicit__alpha=1.0,
-                  # The rating models' search: 3 baseline fits, then 3 residual ALS fits.
+                  # The rating models' search: a 2 x 2 baseline grid side by side, then 3 residual ALS fits.
                   tune__baseline_item_regs=[0.5], tune__baseline_user_regs=[10.0], tune__als_ranks=[4],
                   tune__als_reg_params=[0.3], als__rank=6, als__max_iter=5)
 
@@ -120,12 +120,15 @@ def test_the_rating_models_are_tuned_on_the_same_fold_and_recorded_with_the_rest
     for run in (first, third):
         res = run.results["baselines"]
         chosen, trials = res["tuned"]["settings"], res["tune"]["trials"]
-        assert res["tune"]["fits"] == 6 and set(chosen) == {"baseline", "als"}
-        # A coordinate search only moves to a better point: the choice is each model's lowest RMSE,
-        # the ALS candidates fitted on the chosen baseline's residuals.
-        for model, keys in (("baseline", ("item_reg", "user_reg")), ("als", ("rank", "reg_param"))):
+        assert res["tune"]["fits"] == 7 and set(chosen) == {"baseline", "als"}
+        # The baseline's whole grid (the config's values and the lists), then ALS's coordinate
+        # search, which only moves to a better point: the choice is each model's lowest RMSE, the
+        # ALS candidates fitted on the chosen baseline's residuals.
+        base = {(t["item_reg"], t["user_reg"]) for t in trials if t["model"] == "baseline"}
+        assert base == {(0.5, 5.0), (0.5, 10.0), (2.0, 5.0), (2.0, 10.0)}
+        for model, keys, n in (("baseline", ("item_reg", "user_reg"), 4), ("als", ("rank", "reg_param"), 3)):
             mine = [t for t in trials if t["model"] == model]
-            assert len(mine) == 3 and all(t["rmse"] > 0 for t in mine)
+            assert len(mine) == n and all(t["rmse"] > 0 for t in mine)
             top = min(mine, key=lambda t: t["rmse"])
             assert chosen[model] == {k: top[k] for k in keys}
             # The run went on with them.
@@ -135,3 +138,24 @@ def test_the_rating_models_are_tuned_on_the_same_fold_and_recorded_with_the_rest
     # `runs` keeps every tuned section, the rating models' and implicit ALS's.
     row = tables.read_table(spark, serve.paths.warehouse, "runs").where("run_id = 't1'").first()
     assert set(json.loads(row["config"])["tuned"]["settings"]) == {"baseline", "als", "als_implicit"}
+
+
+def test_the_baseline_grid_side_by_side_equals_a_fit_per_setting(spark):
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    from movierec_spark.baselines import bias_grid_rmse, fit_bias
+    from movierec_spark.config import BaselineConfig
+
+    rng = np.random.default_rng(5)
+    rows = [(u, m, float(rng.integers(1, 11)) / 2) for u in range(30) for m in range(25) if rng.random() < 0.5]
+    df = spark.createDataFrame(rows, "userId int, movieId int, rating double")
+    fit, held = df.where(F.pmod(F.col("userId") + F.col("movieId"), F.lit(5)) != 0), \
+        df.where(F.pmod(F.col("userId") + F.col("movieId"), F.lit(5)) == 0)
+    grid = [(0.5, 1.0), (2.0, 5.0), (25.0, 10.0)]
+    got = bias_grid_rmse(fit, held, grid, 2, 0.5, 5.0)
+    for (i, u), e in zip(grid, got):
+        b = fit_bias(fit, BaselineConfig(item_reg=i, user_reg=u, iterations=2), 0.5, 5.0)
+        want = b.predict(held).agg(F.sqrt(F.avg((F.col("rating") - F.col("baseline")) ** 2))).first()[0]
+        assert e == pytest.approx(want, abs=1e-12)
+    assert len(set(got)) == 3  # the settings differ
