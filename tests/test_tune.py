@@ -49,7 +49,7 @@ def tuned_runs(spark, tmp_path_factory):
     serve = make_config(wh, tune__enabled="auto", pipeline__stages=stages, **SMALL_GRID)
     first = run_pipeline(spark, serve, str(root / "gen"), stages=stages, run_id="t1")
     # No split of its own: a run without rating_splits reads the newest serve run's (t1's).
-    second = run_pipeline(spark, serve, str(root / "gen"), stages=["als_implicit"], run_id="t2")
+    second = run_pipeline(spark, serve, str(root / "gen"), stages=["baselines", "als_implicit"], run_id="t2")
     ev = make_config(wh, tune__enabled=True, pipeline__mode="evaluate", pipeline__stages=stages, **SMALL_GRID)
     third = run_pipeline(spark, ev, str(root / "gen"), stages=stages[1:], run_id="t3")
     return serve, first, second, third
@@ -84,6 +84,11 @@ def test_a_later_serve_run_reuses_the_choice_and_an_evaluate_run_does_not(tuned_
     _, first, second, third = tuned_runs
     chosen = first.results["als_implicit"]["tuned"]["settings"]["als_implicit"]
     assert second.results["als_implicit"]["tune"] == {"reused_from": "t1"}
+    # The rating models' choice too, and the run goes on with it.
+    assert second.results["baselines"]["tune"] == {"reused_from": "t1"}
+    rating = first.results["baselines"]["tuned"]["settings"]
+    assert second.results["baselines"]["tuned"]["settings"] == rating
+    assert second.cfg.baseline.item_reg == rating["baseline"]["item_reg"] and second.cfg.als.rank == rating["als"]["rank"]
     assert second.results["als_implicit"]["tuned"]["settings"]["als_implicit"] == chosen
     assert {k: getattr(second.cfg.als_implicit, k) for k in chosen} == chosen
     # The serve run's choice saw every rating, the evaluate run's test part too: it tunes anew
