@@ -28,7 +28,7 @@ Features (the article's names where it has them):
   users.dat; -1 without); demo_res, occ_res: the movie's mean baseline residual among the
   user's gender and age band, and among the user's occupation (shrunk by hybrid.demo_shrink):
   how people like this user rate this movie beyond its average. The hybrid stage keeps the
-  group only where it lowers its validation RMSE (hybrid.demographics).
+  group only where it lowers its validation RMSE (hybrid.demographics, demographics_min_gain).
 The GBT takes these less hybrid.exclude_features (hybrid.model_features).
 
 Scale: neighbour similarities come from sparse co-rating self-joins, never a dense all-pairs

@@ -298,8 +298,8 @@ def hybrid_stage(ctx: RunContext) -> dict:
 def _fit_with_demographics(rows, h, seed: int, lo: float, hi: float):
     """fit_hybrid's (model, importances, trees) and what the stage records of the demographic
     features: without any in the rows, the GBT leaves them out (constant columns); with them and
-    hybrid.demographics auto, it is fitted with and without them and the fit with the lower RMSE
-    on the validation rows is kept (a feature group stays only where it helps on validation)."""
+    hybrid.demographics auto, it is fitted with and without them and the group stays only where it
+    lowers the RMSE on the validation rows by hybrid.demographics_min_gain or more."""
     from .evaluation import rating_metrics
     from .hybrid import fit_hybrid, model_features, predict_hybrid
 
@@ -318,7 +318,7 @@ def _fit_with_demographics(rows, h, seed: int, lo: float, hi: float):
         fits[name] = fit_hybrid(rows, h, seed, use)
         rmse[name] = rating_metrics(predict_hybrid(fits[name][0], val, lo, hi), label_col="label")["rmse"]
     val.unpersist()
-    keep = rmse["with"] < rmse["without"]
+    keep = rmse["with"] <= rmse["without"] - h.demographics_min_gain
     log.info("hybrid: validation RMSE %.4f with the demographic features, %.4f without: %s", rmse["with"],
              rmse["without"], "kept" if keep else "left out")
     return (*fits["with" if keep else "without"],

@@ -219,6 +219,9 @@ def test_demographic_features_stay_only_where_they_lower_the_validation_rmse(spa
     d = out["demographics"]
     assert d["kept"] and d["rmse_with"] < 0.5 * d["rmse_without"]
     assert {"demo_res", "u_male"} <= {f for f, _ in imp} and trees == 15
+    # A gain below hybrid.demographics_min_gain is not told from noise: the group is left out.
+    _, imp, _, out = _fit_with_demographics(rows, h.model_copy(update={"demographics_min_gain": 10.0}), 42, 0.5, 5.0)
+    assert not out["demographics"]["kept"] and not set(demo) & {f for f, _ in imp}
     none = rows.withColumn("u_age", F.lit(-1.0)).withColumn("u_male", F.lit(-1.0))
     _, imp, _, out = _fit_with_demographics(none, h, 42, 0.5, 5.0)
     assert out == {} and not set(demo) & {f for f, _ in imp}
