@@ -92,7 +92,7 @@ def bias_grid_rmse(train: DataFrame, held: DataFrame, settings: list[tuple[float
     k = len(settings)
     mu = global_mean(train)
     r = train.select("userId", "movieId", "rating").cache()
-    b_u = None
+    b_u = b_i = None
     for _ in range(max(1, iterations)):
         src = r.join(b_u, "userId", "left") if b_u is not None else r
         bu = [F.col(f"u{c}") if b_u is not None else F.lit(0.0) for c in range(k)]
@@ -103,8 +103,9 @@ def bias_grid_rmse(train: DataFrame, held: DataFrame, settings: list[tuple[float
             *[(F.sum(F.col("rating") - mu - F.col(f"i{c}")) / (n + settings[c][1])).alias(f"u{c}") for c in range(k)]
         ).cache()
         new_u.count()
-        if b_u is not None:
-            b_u.unpersist()
+        for old in (b_u, b_i):  # the previous iteration's, which new_u no longer needs
+            if old is not None:
+                old.unpersist()
         b_u, b_i = new_u, new_i
     pred = held.select("userId", "movieId", "rating").join(b_i, "movieId", "left").join(b_u, "userId", "left")
     errs = [(F.col("rating") - F.least(F.greatest(mu + F.coalesce(F.col(f"u{c}"), F.lit(0.0))

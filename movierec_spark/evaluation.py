@@ -100,6 +100,13 @@ def rating_metrics(pred: DataFrame, label_col: str = "rating", pred_col: str = "
 
 # ----------------------------------------------------------------------------- ranking metrics
 
+def rmse(pred: DataFrame, label_col: str = "rating", pred_col: str = "prediction") -> float:
+    """RMSE alone, in one aggregation: for a search scoring many candidates (tune.py), where
+    rating_metrics' null checks and three evaluators cost a few Spark jobs more each. Rows must
+    be complete (no null or NaN), which rating_metrics checks and this does not."""
+    return float(pred.agg(F.sqrt(F.avg((F.col(label_col) - F.col(pred_col)) ** 2))).first()[0])
+
+
 def _check_ks(ks: Iterable[int]) -> list[int]:
     out = sorted({int(k) for k in ks})
     if not out or out[0] < 1:

@@ -128,12 +128,6 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
     return best, trials
 
 
-def _rmse(pred: DataFrame) -> float:
-    """RMSE of `prediction` against `rating`: one aggregation (rating_metrics' checks and
-    evaluators cost a few jobs more per candidate)."""
-    return float(pred.agg(F.sqrt(F.avg((F.col("rating") - F.col("prediction")) ** 2))).first()[0])
-
-
 def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: float) -> tuple[dict, list[dict]]:
     """(best, trials): the bias baseline's item_reg x user_reg grid (every point, fitted side by
     side: baselines.bias_grid_rmse), then the residual ALS's rank and reg_param on the chosen
@@ -142,6 +136,7 @@ def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: 
     every point with its RMSE and seconds."""
     from .als import fit_explicit, predict_explicit
     from .baselines import bias_grid_rmse, fit_bias
+    from .evaluation import rmse
 
     t = cfg.tune
     fit_part, held = validation_fold(train, seed, t.validation_ratio, t.min_user_ratings)
@@ -170,7 +165,7 @@ def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: 
             if key not in scores:
                 t0 = time.perf_counter()
                 als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
-                scores[key] = _rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
+                scores[key] = rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
                                                      lo, hi))
                 trials.append({"model": "als", **setting, "rmse": round(scores[key], 4),
                                "seconds": round(time.perf_counter() - t0, 1)})
