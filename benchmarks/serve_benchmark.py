@@ -1,7 +1,7 @@
 """A serve run and an evaluate run on the same data, as whole `movierec` processes, side by side.
 
     python benchmarks/serve_benchmark.py [--input ../shared/datasets/ml-latest-small] [--work DIR]
-                                         [--set KEY=VALUE ...] [--plain-als] [--report-only]
+                                         [--set KEY=VALUE ...] [--plain-als] [--again] [--report-only]
 
 Runs `movierec run` (serve: every rating, writes recommendations) and then `movierec evaluate`
 (held-out test part: the configured split, random 80/20 by default) into one fresh warehouse,
@@ -10,6 +10,9 @@ one at a time, and prints and writes to benchmarks/results/serve-evaluate-<data>
 - how many served rows are movies the user rated (must be 0), and users served;
 - the serve run's validation metrics next to the evaluate run's test (and validation) metrics;
 - whether `recommendations` and `latest` stayed as the serve run left them through the evaluate run;
+- with --again, a second serve run (run id serve2) on the same warehouse and data right after the
+  first: what a recurring serve run costs once a run has tuned (it reuses that choice, and ingest
+  finds nothing new);
 - with --plain-als, the plain Spark ALS example as a whole process beside them (issue 22's yardstick:
   a script that reads ratings.csv, fits ALS rank 10 / 10 iterations / reg 0.1 and writes
   recommendForAllUsers(10) as parquet), and each run's wall time over it.
@@ -78,6 +81,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="config override for both runs")
     ap.add_argument("--plain-als", action="store_true",
                     help="also time the plain Spark ALS example as a whole process (needs ratings.csv in --input)")
+    ap.add_argument("--again", action="store_true",
+                    help="a second serve run after the first, reusing its tuned settings (column 'serve again')")
     ap.add_argument("--report-only", action="store_true",
                     help="no runs: report the warehouse and wall times (wall.json) a previous call left in --work")
     args = ap.parse_args()
@@ -94,6 +99,9 @@ def main() -> int:
             shutil.rmtree(wh)
         work.mkdir(parents=True, exist_ok=True)
         wall = {"serve": movierec("run", args.input, wh, "serve", args.set)}
+        if args.again:
+            walls.write_text(json.dumps(wall))
+            wall["serve2"] = movierec("run", args.input, wh, "serve2", args.set)
         recs_version = wall["recommendations_version"] = table(wh, "recommendations").version()
         walls.write_text(json.dumps(wall))
         wall["evaluate"] = movierec("evaluate", args.input, wh, "evaluate", args.set)
@@ -122,6 +130,7 @@ def main() -> int:
 
     order = ["ingest", "split", "baselines", "als", "als_implicit", "content", "features", "hybrid", "recommend",
              "evaluate"]
+    again = "serve2" in runs
     seen = [*runs["serve"]["stage_seconds"], *runs["evaluate"]["stage_seconds"]]
     stages = sorted(dict.fromkeys(seen), key=lambda s: (order.index(s) if s in order else len(order), s))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -131,19 +140,25 @@ def main() -> int:
     lines = [f"# Serve and evaluate runs on {Path(args.input).name}",
              "",
              f"{dt.date.today()}, `python benchmarks/serve_benchmark.py --input {args.input}"
-             + "".join(f" --set {s}" for s in args.set) + "`, one process per run, one at a time, at commit "
+             + "".join(f" --set {s}" for s in args.set) + (" --again" if again else "") + "`, one process per run, one at a time, at commit "
              + commit + (" with uncommitted changes" if dirty else "") + ".",
              "",
-             "| stage | serve run (s) | evaluate run (s) |", "|---|---|---|"]
+             *(["| stage | serve run (s) | serve again, reusing its tuning (s) | evaluate run (s) |",
+                "|---|---|---|---|"] if again else ["| stage | serve run (s) | evaluate run (s) |", "|---|---|---|"])]
+
+    def row(label: str, values: list) -> str:
+        cells = [v if isinstance(v, str) else "" if v is None else f"{v:.1f}" for v in values]
+        return "| " + " | ".join([label, *(cells if again else [cells[0], cells[2]])]) + " |"
+
+    names = ["serve", "serve2", "evaluate"]
+    secs = {n: runs[n]["stage_seconds"] if n in runs else {} for n in names}
     for s in stages:
-        a, b = runs["serve"]["stage_seconds"].get(s), runs["evaluate"]["stage_seconds"].get(s)
-        lines.append(f"| {s} | {'' if a is None else f'{a:.1f}'} | {'' if b is None else f'{b:.1f}'} |")
-    lines += [f"| sum of stages | {sum(runs['serve']['stage_seconds'].values()):.1f} | "
-              f"{sum(runs['evaluate']['stage_seconds'].values()):.1f} |",
-              f"| whole process (wall) | {wall['serve']:.1f} | {wall['evaluate']:.1f} |",
-              *([f"| plain ALS example, whole process (wall) | {wall['plain_als']:.1f} | |",
-                 f"| run / plain ALS example | {wall['serve'] / wall['plain_als']:.1f}x | "
-                 f"{wall['evaluate'] / wall['plain_als']:.1f}x |"] if wall.get("plain_als") else []),
+        lines.append(row(s, [secs[n].get(s) for n in names]))
+    lines += [row("sum of stages", [sum(secs[n].values()) if secs[n] else None for n in names]),
+              row("whole process (wall)", [wall.get(n) for n in names]),
+              *([row("plain ALS example, whole process (wall)", [wall["plain_als"], None, None]),
+                 row("run / plain ALS example", [f"{wall[n] / wall['plain_als']:.1f}x" if wall.get(n) else None
+                                                 for n in names])] if wall.get("plain_als") else []),
               *([f"\nWall times: {wall['note']}."] if wall.get("note") else []),
               "",
               f"Served rows: {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "
