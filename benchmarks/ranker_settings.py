@@ -70,7 +70,7 @@ def main() -> int:
             cfg.hybrid = cfg.hybrid.model_copy(update={"candidate_pool": pool, "ranker_max_depth": depth,
                                                        "ranker_max_iter": trees})
             t0 = time.perf_counter()
-            _, validation = train_ranker(train, times, sims, cfg, n_items)
+            _, validation, _ = train_ranker(train, times, sims, cfg, n_items)
             got_m = {m: v for m, k, v in validation if k == 10}
             got.append((got_m["ndcg"], pool, depth, trees))
             say(f"| {pool} | {depth} | {trees} | {got_m['ndcg']:.4f} | {got_m['recall']:.4f} | "

@@ -149,6 +149,54 @@ def _user_lists(ranked: DataFrame, test: DataFrame, max_k: int,
             .select("userId", F.coalesce("pred", empty).alias("pred"), "labels"))
 
 
+# Per-user array expressions over _user_lists' rows (pred, labels), shared by ranking_metrics and
+# user_ndcg (functions: a Column needs the running JVM). rel[i] = 1 when the (i+1)-th listed
+# movie is relevant; gain[i] its discounted gain.
+def _rel():
+    return F.transform("pred", lambda x: F.when(F.array_contains(F.col("labels"), x), 1).otherwise(0))
+
+
+def _n_rel():
+    return F.size("labels").cast("double")
+
+
+def _gain():
+    return F.transform("rel", lambda x, i: x / F.log(i + 2.0))
+
+
+def _total(arr, zero):
+    return F.aggregate(arr, F.lit(zero), lambda acc, x: acc + x)
+
+
+def _ndcg(k: int):
+    """nDCG@k of a row holding `gain` and `n_rel` (MLlib's definition, see ranking_metrics)."""
+    ideal = F.least(F.col("n_rel"), F.lit(float(k)))
+    idcg = F.aggregate(F.sequence(F.lit(0), ideal.cast("int") - 1), F.lit(0.0),
+                       lambda acc, i: acc + 1.0 / F.log(i + 2.0))
+    return _total(F.slice(F.col("gain"), 1, k), 0.0) / idcg
+
+
+def user_ndcg(recs: DataFrame, test: DataFrame, k: int, relevance_threshold: float | None = None) -> DataFrame:
+    """userId, ndcg: each evaluated user's nDCG@k (ranking_metrics' ndcg@k is their mean), for
+    comparing two lists user by user (paired_gain)."""
+    lists = _user_lists(_ranked(recs, k), test, k, relevance_threshold)
+    return (lists.select("userId", _rel().alias("rel"), "labels")
+            .select("userId", _n_rel().alias("n_rel"), _gain().alias("gain"))
+            .select("userId", _ndcg(k).alias("ndcg")))
+
+
+def paired_gain(a: DataFrame, b: DataFrame) -> tuple[float, float, int]:
+    """(mean, standard error, users) of b's per-user value minus a's (user_ndcg frames), over
+    the users both hold. Two lists scored on the same users differ by less noise than either
+    figure carries alone: the paired standard error measures that noise."""
+    d = a.join(b.withColumnRenamed("ndcg", "ndcg_b"), "userId").select((F.col("ndcg_b") - F.col("ndcg")).alias("d"))
+    row = d.agg(F.avg("d").alias("m"), F.stddev_samp("d").alias("s"), F.count(F.lit(1)).alias("n")).first()
+    n = int(row["n"])
+    mean = float(row["m"]) if row["m"] is not None else 0.0
+    se = float(row["s"]) / math.sqrt(n) if n > 1 and row["s"] is not None else float("inf")
+    return mean, se, n
+
+
 def ranking_metrics(recs: DataFrame, test: DataFrame, ks: Sequence[int] = (1, 5, 10, 20),
                     relevance_threshold: float | None = None) -> list[MetricRow]:
     """Top-k ranking quality of `recs` (userId, movieId, rank) against held-out `test`
@@ -189,33 +237,21 @@ def _ranking_metrics(ranked: DataFrame, test: DataFrame, ks: list[int],
     # MLlib RankingMetrics' definitions, written as array expressions so that every metric at
     # every k is one aggregation over the users (MLlib's evaluator is a job per metric and k:
     # 16 per model). rel[i] = 1 when the (i+1)-th listed movie is relevant.
-    rel = F.transform("pred", lambda x: F.when(F.array_contains(F.col("labels"), x), 1).otherwise(0))
-    n_rel = F.size("labels").cast("double")
-
-    def top(k, arr):
-        return F.slice(arr, 1, k)
-
-    def total(arr, zero):
-        return F.aggregate(arr, F.lit(zero), lambda acc, x: acc + x)
-
-    gain = F.transform("rel", lambda x, i: x / F.log(i + 2.0))
     # Hits within the first i+1 positions, at each relevant position: map's precisions.
-    prec = F.transform("rel", lambda x, i: x * total(F.slice(F.col("rel"), 1, i + 1), 0) / (i + 1.0))
+    prec = F.transform("rel", lambda x, i: x * _total(F.slice(F.col("rel"), 1, i + 1), 0) / (i + 1.0))
     # Position of the first relevant item in the list (null if none): hit_rate and mrr.
     first = F.array_min(F.transform("rel", lambda x, i: F.when(x == 1, i + 1)))
-    per_user = lists.select(rel.alias("rel"), "labels").select(
-        "rel", n_rel.alias("n_rel"), gain.alias("gain"), prec.alias("prec"), first.alias("first"))
+    per_user = lists.select(_rel().alias("rel"), "labels").select(
+        "rel", _n_rel().alias("n_rel"), _gain().alias("gain"), prec.alias("prec"), first.alias("first"))
     aggs = [F.count(F.lit(1)).alias("n_users")]
     for k in ks:
-        hits = total(top(k, F.col("rel")), 0)
+        hits = _total(F.slice(F.col("rel"), 1, k), 0)
         ideal = F.least(F.col("n_rel"), F.lit(float(k)))
-        idcg = F.aggregate(F.sequence(F.lit(0), ideal.cast("int") - 1), F.lit(0.0),
-                           lambda acc, i: acc + 1.0 / F.log(i + 2.0))
         hit = F.col("first") <= k
         aggs += [F.avg(hits / float(k)).alias(f"precision_{k}"),
                  F.avg(hits / F.col("n_rel")).alias(f"recall_{k}"),
-                 F.avg(total(top(k, F.col("gain")), 0.0) / idcg).alias(f"ndcg_{k}"),
-                 F.avg(total(top(k, F.col("prec")), 0.0) / ideal).alias(f"map_{k}"),
+                 F.avg(_ndcg(k)).alias(f"ndcg_{k}"),
+                 F.avg(_total(F.slice(F.col("prec"), 1, k), 0.0) / ideal).alias(f"map_{k}"),
                  F.avg(F.when(hit, 1.0).otherwise(0.0)).alias(f"hit_rate_{k}"),
                  F.avg(F.when(hit, 1.0 / F.col("first")).otherwise(0.0)).alias(f"mrr_{k}")]
     hand = per_user.agg(*aggs).first()

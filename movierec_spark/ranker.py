@@ -204,13 +204,38 @@ def cached_item_neighbours(train: DataFrame, h, seed: int) -> DataFrame | None:
     return item_neighbours(train, h.ranker_knn_neighbours, h.ranker_knn_cap or h.cap_per_user, seed).cache()
 
 
-def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg, n_items: int
-                 ) -> tuple[PipelineModel, list]:
-    """(model, validation rows): the ranker fitted on fold 0 of `train` (the features stage's
-    hash folds) with the candidate models refitted on the other folds, so neither the ranker
-    nor its inputs see a test part. A hash share of the users (`hybrid.ranker_validation_users`)
-    is left out of its training: its ranked lists for them, against their fold-0 movies, give
-    the validation metric rows (model, k, value) (empty when that share is 0).
+def within_pool(feats: DataFrame, models: list[str], pool: int, p: int) -> DataFrame:
+    """The ranker's rows (ranker_features over lists with implicit ALS's top `pool`) as they
+    would be had implicit ALS listed only its top `p` (p <= pool; the other models' lists are
+    no longer than p): candidates only implicit ALS listed below p go, its rank and score there
+    become the unlisted fills, and every model's unlisted rank fill pool + 1 becomes p + 1.
+    Lets the search score a shorter pool without listing or featurising anything again."""
+    if p >= pool:
+        return feats
+    r = F.col("als_implicit_rank")
+    beyond = (r > p) & (r <= pool)  # listed by implicit ALS, but not within its top p
+    out = feats.where(~(beyond & (F.col("n_lists") == 1)))
+    cols = {"n_lists": F.col("n_lists") - F.when(beyond, 1.0).otherwise(0.0),
+            "als_implicit_score": F.when(beyond, F.lit(0.0)).otherwise(F.col("als_implicit_score"))}
+    for m in models:
+        c = F.col(f"{m}_rank")
+        cols[f"{m}_rank"] = F.when(c > p, F.lit(float(p + 1))).otherwise(c)
+    return out.withColumns(cols)
+
+
+def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg, n_items: int,
+                 search: bool = False) -> tuple[PipelineModel, list, dict]:
+    """(model, validation rows, tune): the ranker fitted on fold 0 of `train` (the features
+    stage's hash folds) with the candidate models refitted on the other folds, so neither the
+    ranker nor its inputs see a test part. A hash share of the users
+    (`hybrid.ranker_validation_users`) is left out of its training: its ranked lists for them,
+    against their fold-0 movies, give the validation metric rows (model, k, value) (empty when
+    that share is 0).
+
+    `search` (with validation users): the candidate pool and depth are chosen on those users
+    (tune.ranker_*, a coordinate search; see choose_ranker); tune = {"settings": {"hybrid":
+    {candidate_pool, ranker_max_depth}}, "trials": [...]}, else {}. The validation rows are
+    the chosen ranker's.
 
     Runs Spark jobs: it caches the refitted lists on the way and unpersists them before it
     returns. `times`: train's (userId, movieId, rated_at).
@@ -240,21 +265,95 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
                 .fillna({"label": 0.0}))
     val_share = h.ranker_validation_users
     is_val = hash_sample(["userId"], seed + 4, val_share) if val_share > 0 else F.lit(False)
-    model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth)
+    n_eval = max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
+    # The users the ranker never trains on, and their fold-0 movies (the candidate models did not see them).
+    vusers = feats.where(is_val).select("userId").distinct()
+    vheld = held.join(vusers, "userId", "left_semi")
+    tune: dict = {}
+    chosen = pool
+    if search and val_share > 0:
+        setting, model, trials = choose_ranker(feats, labelled, is_val, vheld, names, cfg, pool)
+        chosen = setting["candidate_pool"]
+        tune = {"settings": {"hybrid": setting}, "trials": trials}
+    else:
+        model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth)
     validation = []
     if val_share > 0:
-        # The final lists of users the ranker never trained on, scored like every list, against
-        # the movies of theirs the candidate models did not see.
-        n_eval = max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
-        vfeats = feats.where(is_val)
+        # The final lists of the validation users, scored like every list.
+        vfeats = within_pool(feats.where(is_val), models, pool, chosen)
         vlists = top_n_per_user(rank_scores(model, vfeats), n_eval, score=F.col("p"))
-        vheld = held.join(vfeats.select("userId").distinct(), "userId", "left_semi")
         validation = evaluate_ranking_model(vlists, vheld, rest, n_items, ks=tuple(cfg.evaluation.ks),
                                             relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
     for df in (feats, rest, lists, nb, *inner):
         if df is not None:
             release(df)
-    return model, validation
+    return model, validation, tune
+
+
+def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFrame, names: list[str], cfg,
+                  pool: int) -> tuple[dict, PipelineModel, list[dict]]:
+    """(setting, its fitted ranker, trials): the candidate pool, then the depth, chosen by nDCG@10
+    of the validation users' lists (users the rankers do not train on), from the configured
+    values (tune.py coordinate_search, candidates side by side). A candidate replaces the kept
+    one only when its mean per-user nDCG@10 gain over it exceeds tune.ranker_z standard errors
+    of the per-user differences (evaluation.paired_gain): a gain within the noise keeps the
+    configured value."""
+    import time
+
+    from .baselines import top_n_per_user
+    from .evaluation import paired_gain, user_ndcg
+    from .tune import coordinate_search
+
+    h, t, seed = cfg.hybrid, cfg.tune, cfg.pipeline.seed
+    models = h.candidate_models
+    floor = max(cfg.evaluation.ks)  # the lists the ranker merges are this long
+    pools = sorted({pool, *(p for p in t.ranker_pools if floor <= p <= pool)})
+    depths = sorted({h.ranker_max_depth, *t.ranker_depths})
+    fitted: dict[tuple, PipelineModel] = {}
+
+    def evaluate(setting: dict):
+        t0 = time.perf_counter()
+        p, d = setting["candidate_pool"], setting["ranker_max_depth"]
+        rows = within_pool(labelled, models, pool, p)
+        model = fit_ranker(rows.where(~is_val), names, seed, h.ranker_max_iter, d)
+        vfeats = within_pool(feats.where(is_val), models, pool, p)
+        lists = top_n_per_user(rank_scores(model, vfeats), 10, score=F.col("p"))
+        per_user = user_ndcg(lists, vheld, 10).cache()
+        mean = per_user.agg(F.avg("ndcg")).first()[0] or 0.0
+        fitted[(p, d)] = model
+        trial = {"candidate_pool": p, "ranker_max_depth": d, "ndcg@10": round(mean, 4),
+                 "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("tune: ranker pool %d, depth %d: validation nDCG@10 %.4f (%.1f s)", p, d, mean, trial["seconds"])
+        return (per_user, mean, (p, d)), trial
+
+    decided: dict[tuple, dict] = {}
+
+    def better(cand, best) -> bool:
+        gain, se, users = paired_gain(best[0], cand[0])
+        decided[cand[2]] = {"gain": round(gain, 4), "se": round(se, 4), "over": list(best[2]), "users": users}
+        return gain > t.ranker_z * se
+
+    start = {"candidate_pool": pool, "ranker_max_depth": h.ranker_max_depth}
+    per: list = []
+    try:
+        best, (_, best_mean, _), trials = coordinate_search(
+            start, (("candidate_pool",), ("ranker_max_depth",)), {"candidate_pool": pools, "ranker_max_depth": depths},
+            lambda s: _kept(evaluate(s), per), parallelism=t.parallelism, better=better)
+    finally:
+        for frame in per:
+            frame.unpersist()
+    for tr in trials:  # each challenger's paired gain over the setting it was compared with
+        tr.update(decided.get((tr["candidate_pool"], tr["ranker_max_depth"]), {}))
+    log.info("tune: ranker chose pool %d, depth %d (validation nDCG@10 %.4f; a challenger is kept above "
+             "%.1f standard errors of the per-user gain) after %d fits", best["candidate_pool"],
+             best["ranker_max_depth"], best_mean, t.ranker_z, len(trials))
+    return best, fitted[(best["candidate_pool"], best["ranker_max_depth"])], trials
+
+
+def _kept(result, frames: list):
+    """Remember a trial's cached per-user frame for release once the search is over."""
+    frames.append(result[0][0])
+    return result
 
 
 def serving_scores(model: PipelineModel, lists: DataFrame, train: DataFrame, times: DataFrame,

@@ -334,9 +334,10 @@ def recommend_stage(ctx: RunContext) -> dict:
 
     cfg = ctx.cfg
     n, n_eval = cfg.evaluation.top_n, max(max(cfg.evaluation.ks), cfg.evaluation.top_n)
-    cached, validation = [], []
+    cached, validation, tuned = [], [], {}
     if cfg.hybrid.ranker == "learned":
-        scored, lists, cached, validation = _learned_scores(ctx)
+        scored, lists, cached, validation, tuned = _learned_scores(ctx)
+        cfg = ctx.cfg  # with the ranker's pool and depth when they were chosen here
     else:
         scored, lists = _hybrid_scores(ctx)
     if validation:
@@ -374,6 +375,7 @@ def recommend_stage(ctx: RunContext) -> dict:
            "users_short_of_n": ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()}
     if validation:
         out["validation"] = {f"{m}@{k}": round(v, 4) for m, k, v in validation if k == 10 and m in ("precision", "ndcg")}
+    out.update(tuned)
     if ctx.serving:
         out.update(_write_recommendations(ctx, ranked, n))
     else:
@@ -409,21 +411,35 @@ def _hybrid_scores(ctx: RunContext):
 
 
 def _learned_scores(ctx: RunContext):
-    """(scored, lists, cached, validation): the learned ranker (trained here, saved with the
-    run) scores this run's candidate lists, implicit ALS's extended to the pool from the model
-    the als_implicit stage saved (refitted if this run saved none)."""
+    """(scored, lists, cached, validation, tuned): the learned ranker (trained here, saved with
+    the run) scores this run's candidate lists, implicit ALS's extended to the pool from the
+    model the als_implicit stage saved (refitted if this run saved none). With tuning on, the
+    ranker's pool and depth are chosen on its validation users first (or reused, like every
+    tuned setting, by a later serve run); tuned is what the stage result records ({} if not)."""
     from pyspark.ml.recommendation import ALSModel
 
     from .als import fit_implicit, recommend_unseen
     from .ranker import cached_item_neighbours, pool_length, serving_scores, train_ranker
+    from .tune import ranker_search
 
-    cfg, spark = ctx.cfg, ctx.spark
-    h, seed, pool = cfg.hybrid, cfg.pipeline.seed, pool_length(cfg)
+    spark = ctx.spark
     train, _ = split_frames(ctx)
+    search, tuned = ranker_search(ctx, train)
+    cfg = ctx.cfg
+    h, seed = cfg.hybrid, cfg.pipeline.seed
     times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
     sims = run_table(ctx, "similar_movies")
     n_items = tables.read_table(spark, ctx.warehouse, "movies").count() if h.ranker_validation_users > 0 else 0
-    model, validation = train_ranker(train, times, sims, cfg, n_items)
+    t0 = time.perf_counter()
+    model, validation, tune = train_ranker(train, times, sims, cfg, n_items, search=search)
+    if tune:
+        tuned = {"tuned": {"settings": tune["settings"], "ratings": train.count(), "run_id": ctx.run_id},
+                 "tune": {"fits": len(tune["trials"]), "seconds": round(time.perf_counter() - t0, 1),
+                          "trials": tune["trials"]}}
+        ctx.apply_tuned(tuned["tuned"])
+        cfg = ctx.cfg
+        h = cfg.hybrid
+    pool = pool_length(cfg)
     model.write().overwrite().save(model_path(ctx, "ranker"))
 
     lists, implicit, cached = _run_lists(ctx), None, []
@@ -445,7 +461,7 @@ def _learned_scores(ctx: RunContext):
     nb = cached_item_neighbours(train, h, seed)
     cached += [df for df in (lists, nb) if df is not None]
     scored = serving_scores(model, lists, train, times, nb, implicit, cfg)
-    return scored, lists, cached, validation
+    return scored, lists, cached, validation, tuned
 
 
 def _write_recommendations(ctx: RunContext, ranked, n: int) -> dict:

@@ -12,7 +12,8 @@ So a run picks them itself, on its own train part:
   its top-10 unseen lists against the held-out movies (the metric the final lists are judged
   by); a coordinate search: rank, then reg_param, then alpha and confidence together, each
   list tried with the others held at the best so far (about thirteen fits, memoised, each
-  logged with its time). Alpha and confidence go together because they are one knob: rating
+  logged with its time; a step's candidates are fitted side by side, `tune.parallelism`).
+  Alpha and confidence go together because they are one knob: rating
   confidence is 1 + alpha x rating, so at the same alpha it weighs a rating about 3.5 times
   what binary's 1 + alpha does, and a sweep of confidence at the alpha binary chose compared
   binary with a much larger effective alpha (on ml-latest-small's stratified train part it
@@ -83,6 +84,61 @@ def reusable(spark: SparkSession, warehouse: str, n_train: int, max_change: floa
     return tuned
 
 
+def coordinate_search(start: dict, steps: tuple[tuple[str, ...], ...], grids: dict[str, list],
+                      evaluate, higher: bool = True, parallelism: int = 1, better=None
+                      ) -> tuple[dict, object, list[dict]]:
+    """(best, its score, trials): from `start`, each step tries every combination of its keys'
+    grid values with the other keys held at the best so far, and keeps a candidate only when it
+    scores strictly better (so ties keep the earlier one, in grid order). `evaluate(setting)`
+    returns (score, trial record); `better(candidate's score, best's score)` decides when given
+    (a score may then be any object), else the higher (or lower) number wins. A step's
+    candidates depend only on the steps before it, so they are evaluated side by side in up to
+    `parallelism` threads; every setting is evaluated once, and the choice is the one a
+    one-at-a-time search makes (each fit is seeded)."""
+    if better is None:
+        def better(a, b):
+            return a > b if higher else a < b
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    scores: dict[tuple, float] = {}
+    trials: list[dict] = []
+
+    def key(setting: dict) -> tuple:
+        return tuple(sorted(setting.items()))
+
+    def run(cands: list[dict]) -> None:
+        todo = list({key(c): c for c in cands if key(c) not in scores}.values())
+        if not todo:
+            return
+        if parallelism > 1 and len(todo) > 1:
+            from pyspark import inheritable_thread_target
+
+            # Wrapped so the fits' jobs keep the stage's job group (a plain thread starts without it).
+            session = SparkSession.getActiveSession()
+            target = inheritable_thread_target(session)(evaluate) if session is not None else evaluate
+            with ThreadPoolExecutor(min(parallelism, len(todo)), thread_name_prefix="tune") as pool:
+                results = list(pool.map(target, todo))
+        else:
+            results = [evaluate(c) for c in todo]
+        for c, (value, trial) in zip(todo, results):
+            scores[key(c)] = value
+            trials.append(trial)
+
+    best = dict(start)
+    for i, keys in enumerate(steps):
+        cands = [{**best, **dict(zip(keys, values))} for values in itertools.product(*(grids[k] for k in keys))]
+        run(([best] if i == 0 else []) + cands)
+        best_score = scores[key(best)]
+        for c in cands:
+            s = scores[key(c)]
+            if key(c) != key(best) and better(s, best_score):
+                best, best_score = c, s
+    if not steps:
+        run([best])
+    return best, scores[key(best)], trials
+
+
 def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[dict]]:
     """(best, trials): implicit ALS's rank, reg_param, alpha and confidence chosen by nDCG@10 on
     a validation fold of `train`; trials holds every setting tried with its score and seconds."""
@@ -94,33 +150,22 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
     fit_part, held = fit_part.cache(), held.cache()
     log.info("tune: implicit ALS on %d fit ratings, %d held out (validation fold of train)",
              fit_part.count(), held.count())
-    scores: dict[tuple, float] = {}
-    trials: list[dict] = []
+    def score(setting: dict) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update=setting), seed)
+        recs = recommend_unseen(model, fit_part, 10)
+        ndcg = next(v for m, k, v in ranking_metrics(recs, held, ks=(10,)) if m == "ndcg")
+        recs.unpersist()
+        trial = {**setting, "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("tune: implicit ALS %s: validation nDCG@10 %.4f (%.1f s)", setting, ndcg, trial["seconds"])
+        return ndcg, trial
 
-    def score(setting: dict) -> float:
-        key = tuple(setting[k] for k in IMPLICIT_KEYS)
-        if key not in scores:
-            t0 = time.perf_counter()
-            model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update=setting), seed)
-            recs = recommend_unseen(model, fit_part, 10)
-            ndcg = next(v for m, k, v in ranking_metrics(recs, held, ks=(10,)) if m == "ndcg")
-            recs.unpersist()
-            scores[key] = ndcg
-            trials.append({**setting, "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)})
-            log.info("tune: implicit ALS %s: validation nDCG@10 %.4f (%.1f s)", setting, ndcg, trials[-1]["seconds"])
-        return scores[key]
-
-    best = {k: getattr(cfg.als_implicit, k) for k in IMPLICIT_KEYS}
+    start = {k: getattr(cfg.als_implicit, k) for k in IMPLICIT_KEYS}
     grids = {"rank": t.implicit_ranks, "reg_param": t.implicit_reg_params, "alpha": t.implicit_alphas,
              "confidence": t.implicit_confidences}
     try:
-        best_score = score(best)
-        for keys in SEARCH:
-            for values in itertools.product(*(grids[k] for k in keys)):
-                cand = {**best, **dict(zip(keys, values))}
-                s = score(cand)
-                if s > best_score:
-                    best, best_score = cand, s
+        best, best_score, trials = coordinate_search(start, SEARCH, grids, score, higher=True,
+                                                     parallelism=t.parallelism)
     finally:
         fit_part.unpersist()
         held.unpersist()
@@ -158,28 +203,20 @@ def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: 
         base = {"item_reg": item_reg, "user_reg": user_reg}
         # The ALS candidates fit the residuals of the baseline chosen above.
         bias = fit_bias(fit_part, cfg.baseline.model_copy(update=base), lo, hi)
-        scores: dict[tuple, float] = {}
 
-        def als_rmse(setting: dict) -> float:
-            key = tuple(sorted(setting.items()))
-            if key not in scores:
-                t0 = time.perf_counter()
-                als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
-                scores[key] = rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True,
-                                                     lo, hi))
-                trials.append({"model": "als", **setting, "rmse": round(scores[key], 4),
-                               "seconds": round(time.perf_counter() - t0, 1)})
-                log.info("tune: als %s: validation RMSE %.4f (%.1f s)", setting, scores[key], trials[-1]["seconds"])
-            return scores[key]
+        def als_rmse(setting: dict) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
+            e = rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True, lo, hi))
+            trial = {"model": "als", **setting, "rmse": round(e, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            log.info("tune: als %s: validation RMSE %.4f (%.1f s)", setting, e, trial["seconds"])
+            return e, trial
 
-        als = {k: getattr(cfg.als, k) for k in ("rank", "reg_param")}
-        current = als_rmse(als)
-        for key, values in (("rank", t.als_ranks), ("reg_param", t.als_reg_params)):
-            for v in values:
-                cand = {**als, key: v}
-                e = als_rmse(cand)
-                if e < current:
-                    als, current = cand, e
+        start = {k: getattr(cfg.als, k) for k in ("rank", "reg_param")}
+        als, _, als_trials = coordinate_search(start, (("rank",), ("reg_param",)),
+                                               {"rank": t.als_ranks, "reg_param": t.als_reg_params}, als_rmse,
+                                               higher=False, parallelism=t.parallelism)
+        trials += als_trials
     finally:
         if bias is not None:
             bias.unpersist()
@@ -245,3 +282,24 @@ def choose_implicit(ctx, train: DataFrame) -> dict:
     ctx.apply_tuned(tuned)
     return {"tuned": tuned, "tune": {"fits": len(trials), "seconds": round(time.perf_counter() - t0, 1),
                                      "trials": trials}}
+
+
+def ranker_search(ctx, train: DataFrame) -> tuple[bool, dict]:
+    """(search, reused): whether the recommend stage chooses the learned ranker's pool and depth
+    on its validation users (tuning on for this run, tune.ranker, validation users held out),
+    and the stage record of a reused choice (applied to ctx.cfg already) when a later serve
+    run reuses the newest run's."""
+    cfg = ctx.cfg
+    if not cfg.tune.ranker or cfg.hybrid.ranker_validation_users <= 0:
+        return False, {}
+    n_train = train.count()
+    if not should_tune(cfg, n_train):
+        return False, {}
+    reused = _reused(ctx, n_train, "hybrid")
+    if reused:
+        tuned = {"settings": {"hybrid": reused["settings"]["hybrid"]}, "ratings": reused.get("ratings"),
+                 "run_id": reused.get("run_id")}
+        log.info("tune: reusing run %s's ranker choice %s", reused.get("run_id"), tuned["settings"]["hybrid"])
+        ctx.apply_tuned(tuned)
+        return False, {"tuned": tuned, "tune": {"reused_from": reused.get("run_id")}}
+    return True, {}

@@ -43,3 +43,48 @@ def test_sample_users_is_a_stable_hash_sample_of_about_the_cap(spark):
     assert a == b                                      # reruns train on the same users
     assert 400 <= len(a) <= 600 and a <= set(range(2000))
     assert a != {r.userId for r in sample_users(train, 500, 7).collect()}
+
+
+def test_a_shorter_pool_cut_from_the_features_equals_features_of_the_shorter_lists(spark):
+    from chispa import assert_df_equality
+
+    from movierec_spark.ranker import within_pool
+
+    train = spark.createDataFrame([(u, m, float(1 + (u * m) % 5)) for u in range(1, 4) for m in range(1, 9)
+                                   if (u + m) % 3], "userId int, movieId int, rating double")
+    models = ["als_implicit", "popularity"]
+    # Implicit ALS lists 6 per user (ranks 1..6), popularity 2; movie 20 is in both of user 1's.
+    imp = [(u, 10 * r + u, "als_implicit", r, 1.0 / r) for u in (1, 2) for r in range(1, 7)]
+    pop = [(1, 20 + 1, "popularity", 1, 9.0), (1, 50 + 1, "popularity", 2, 8.0), (2, 99, "popularity", 1, 9.0),
+           (2, 60 + 2, "popularity", 2, 7.0)]
+    schema = "userId int, movieId int, model string, rank int, score double"
+    long_lists = spark.createDataFrame(imp + pop, schema)
+    short_lists = spark.createDataFrame([r for r in imp if r[3] <= 3] + pop, schema)
+    long_feats, names = ranker_features(long_lists, train, models, 6)
+    short_feats, _ = ranker_features(short_lists, train, models, 3)
+    cut = within_pool(long_feats, models, 6, 3)
+    assert_df_equality(cut.select(*short_feats.columns), short_feats, ignore_row_order=True,
+                       ignore_nullable=True)
+    # Movies 51 and 62: implicit ALS listed them at 5 and 6, popularity too: they stay, as popularity's.
+    assert {(r.userId, r.movieId) for r in cut.where("n_lists = 1 AND popularity_rank <= 2").collect()} >= {(1, 51), (2, 62)}
+    assert within_pool(long_feats, models, 6, 6) is long_feats
+
+
+def test_per_user_ndcg_averages_to_ranking_metrics_and_pairs_by_user(spark):
+    from movierec_spark.evaluation import paired_gain, ranking_metrics, user_ndcg
+
+    test = spark.createDataFrame([(1, 10, 4.0), (1, 11, 3.0), (2, 20, 5.0), (3, 30, 1.0)],
+                                 "userId int, movieId int, rating double")
+    recs = spark.createDataFrame([(1, 10, 1), (1, 99, 2), (1, 11, 3), (2, 98, 1), (2, 20, 2), (3, 97, 1)],
+                                 "userId int, movieId int, rank int")
+    per = {r.userId: r.ndcg for r in user_ndcg(recs, test, 10).collect()}
+    # User 1: hits at 1 and 3 of 2 relevant; user 2: a hit at 2 of 1; user 3: none.
+    ln = math.log
+    assert per == pytest.approx({1: (1 / ln(2) + 1 / ln(4)) / (1 / ln(2) + 1 / ln(3)), 2: (1 / ln(3)) / (1 / ln(2)),
+                                 3: 0.0})
+    mean = next(v for m, k, v in ranking_metrics(recs, test, ks=(10,)) if m == "ndcg")
+    assert sum(per.values()) / 3 == pytest.approx(mean)
+    # A second list that fixes user 3 only: the mean gain is 1/3, its standard error that of (0, 0, 1).
+    better = recs.where("userId != 3").unionByName(spark.createDataFrame([(3, 30, 1)], "userId int, movieId int, rank int"))
+    gain, se, users = paired_gain(user_ndcg(recs, test, 10), user_ndcg(better, test, 10))
+    assert users == 3 and gain == pytest.approx(1 / 3) and se == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))

@@ -164,3 +164,70 @@ def test_the_baseline_grid_side_by_side_equals_a_fit_per_setting(spark):
         want = b.predict(held).agg(F.sqrt(F.avg((F.col("rating") - F.col("baseline")) ** 2))).first()[0]
         assert e == pytest.approx(want, abs=1e-12)
     assert len(set(got)) == 3  # the settings differ
+
+
+def test_the_search_fitted_side_by_side_chooses_what_one_at_a_time_chooses():
+    import threading
+
+    from movierec_spark.tune import coordinate_search
+
+    # A score with ties and a better point only reachable through the first step's choice.
+    table = {(10, 0.1): 0.30, (20, 0.1): 0.35, (32, 0.1): 0.35, (20, 0.01): 0.33, (20, 0.3): 0.36,
+             (10, 0.01): 0.9, (10, 0.3): 0.25}
+    calls, names = [], set()
+
+    def evaluate(s):
+        calls.append((s["rank"], s["reg"]))
+        names.add(threading.current_thread().name)
+        v = table[(s["rank"], s["reg"])]
+        return v, {**s, "score": v}
+
+    grids = {"rank": [10, 20, 32], "reg": [0.01, 0.1, 0.3]}
+    steps = (("rank",), ("reg",))
+    one = coordinate_search({"rank": 20, "reg": 0.1}, steps, grids, evaluate, higher=True, parallelism=1)
+    seq_calls, calls[:] = list(calls), []
+    side = coordinate_search({"rank": 20, "reg": 0.1}, steps, grids, evaluate, higher=True, parallelism=4)
+    # rank 32 ties rank 20 (the start stays), then reg 0.3 wins; (10, 0.01) is never a candidate.
+    assert one[:2] == side[:2] == ({"rank": 20, "reg": 0.3}, 0.36)
+    # Every distinct setting once, trials in the same order either way.
+    assert sorted(calls) == sorted(seq_calls) == sorted(set(seq_calls)) and len(seq_calls) == 5
+    assert [t["score"] for t in one[2]] == [t["score"] for t in side[2]]
+    assert any(n.startswith("tune") for n in names)
+    # Lower is better for an RMSE: rank 10 (0.30), then reg 0.3 at rank 10 (0.25).
+    low = coordinate_search({"rank": 20, "reg": 0.1}, steps, grids, evaluate, higher=False, parallelism=3)
+    assert low[:2] == ({"rank": 10, "reg": 0.3}, 0.25)
+
+
+def test_the_ranker_search_keeps_a_challenger_only_beyond_the_noise(hybrid_run):
+    from pyspark.sql import functions as F
+
+    from movierec_spark.context import run_table, split_frames
+    from movierec_spark.ranker import train_ranker
+
+    spark, cfg, ctx = hybrid_run
+    train, _ = split_frames(ctx)
+    times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
+    sims = run_table(ctx, "similar_movies")
+
+    def search(z: float, pools=(20, 40)):
+        c = cfg.model_copy(update={
+            "hybrid": cfg.hybrid.model_copy(update={"candidate_pool": 30, "ranker_max_iter": 5}),
+            "tune": cfg.tune.model_copy(update={"ranker_pools": list(pools), "ranker_depths": [3], "ranker_z": z})})
+        return train_ranker(train, times, sims, c, 150, search=True)
+
+    model, validation, tune = search(0.0)
+    trials, chosen = tune["trials"], tune["settings"]["hybrid"]
+    # Pool 40 is longer than the lists (30): skipped. Pools 30 and 20 at depth 4, then depth 3.
+    assert [(t["candidate_pool"], t["ranker_max_depth"]) for t in trials[:2]] == [(30, 4), (20, 4)]
+    assert len(trials) == 3 and trials[2]["ranker_max_depth"] == 3
+    # Each challenger carries its paired gain over the setting it met, and was kept iff it gained.
+    pool_kept = trials[1]["gain"] > 0
+    assert chosen["candidate_pool"] == (20 if pool_kept else 30) == trials[2]["candidate_pool"]
+    assert chosen["ranker_max_depth"] == (3 if trials[2]["gain"] > 0 else 4)
+    assert all(t["se"] >= 0 and t["users"] > 0 for t in trials[1:])
+    assert model.stages[-1].getMaxDepth() == chosen["ranker_max_depth"]
+    assert {m for m, _, _ in validation} >= {"ndcg", "precision"}
+    # A bar no gain clears: the configured depth stays (one challenger, depth 3).
+    _, _, kept = search(1e9, pools=(30,))
+    assert kept["settings"]["hybrid"] == {"candidate_pool": 30, "ranker_max_depth": 4}
+    assert len(kept["trials"]) == 2
