@@ -113,14 +113,16 @@ def main() -> int:
     runs = {r["run_id"]: r for r in table(wh, "runs").to_pyarrow_table().to_pylist()}
     for r in runs.values():  # delta-rs reads a map column as (key, value) pairs
         r["stage_seconds"] = dict(r["stage_seconds"] or [])
-    recs = table(wh, "recommendations").to_pyarrow_table().to_pylist()
+    latest = {r["table_name"]: r["run_id"] for r in table(wh, "latest").to_pyarrow_table().to_pylist()}
+    # What is served: the rows of the run `latest` points to (the table keeps every serve run's).
+    recs = [r for r in table(wh, "recommendations").to_pyarrow_table().to_pylist()
+            if r["run_id"] == latest.get("recommendations")]
     rated = {(r["userId"], r["movieId"]) for r in
              table(wh, "ratings").to_pyarrow_table(columns=["userId", "movieId"]).to_pylist()}
     overlap = sum((r["userId"], r["movieId"]) in rated for r in recs)
     users = {r["userId"] for r in recs}
     rated_users = {u for u, _ in rated}
     no_pred = sum(r["predicted_rating"] is None for r in recs)
-    latest = {r["table_name"]: r["run_id"] for r in table(wh, "latest").to_pyarrow_table().to_pylist()}
     metrics = table(wh, "metrics").to_pyarrow_table().to_pylist()
 
     def metric(run: str, split: str, model: str, name: str, k=None):
@@ -140,7 +142,8 @@ def main() -> int:
     lines = [f"# Serve and evaluate runs on {Path(args.input).name}",
              "",
              f"{dt.date.today()}, `python benchmarks/serve_benchmark.py --input {args.input}"
-             + "".join(f" --set {s}" for s in args.set) + (" --again" if again else "") + "`, one process per run, one at a time, at commit "
+             + "".join(f" --set {s}" for s in args.set) + (" --again" if again else "")
+             + (" --plain-als" if wall.get("plain_als") else "") + "`, one process per run, one at a time, at commit "
              + commit + (" with uncommitted changes" if dirty else "") + ".",
              "",
              *(["| stage | serve run (s) | serve again, reusing its tuning (s) | evaluate run (s) |",
@@ -161,7 +164,7 @@ def main() -> int:
                                                  for n in names])] if wall.get("plain_als") else []),
               *([f"\nWall times: {wall['note']}."] if wall.get("note") else []),
               "",
-              f"Served rows: {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "
+              f"Served rows (run {latest.get('recommendations')}): {len(recs):,} for {len(users):,} of {len(rated_users):,} users who rated; "
               f"**{overlap} of them a movie the user rated**; {no_pred} without a predicted_rating.",
               f"Through the evaluate run `recommendations` stayed at version {recs_version}: "
               f"{table(wh, 'recommendations').version() == recs_version}; `latest`: {latest}.",
