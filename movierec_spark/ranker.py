@@ -318,7 +318,7 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
         model = fit_ranker(rows.where(~is_val), names, seed, h.ranker_max_iter, d)
         vfeats = within_pool(feats.where(is_val), models, pool, p)
         lists = top_n_per_user(rank_scores(model, vfeats), 10, score=F.col("p"))
-        per_user = user_ndcg(lists, vheld, 10).cache()
+        per_user = user_ndcg(lists, vheld, 10, cfg.evaluation.relevance_threshold).cache()
         mean = per_user.agg(F.avg("ndcg")).first()[0] or 0.0
         fitted[(p, d)] = model
         trial = {"candidate_pool": p, "ranker_max_depth": d, "ndcg@10": round(mean, 4),

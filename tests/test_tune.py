@@ -211,7 +211,7 @@ def test_the_ranker_search_keeps_a_challenger_only_beyond_the_noise(hybrid_run):
 
     def search(z: float, pools=(20, 40)):
         c = cfg.model_copy(update={
-            "hybrid": cfg.hybrid.model_copy(update={"candidate_pool": 30, "ranker_max_iter": 5}),
+            "hybrid": cfg.hybrid.model_copy(update={"candidate_pool": 30, "ranker_max_iter": 3}),
             "tune": cfg.tune.model_copy(update={"ranker_pools": list(pools), "ranker_depths": [3], "ranker_z": z})})
         return train_ranker(train, times, sims, c, 150, search=True)
 
