@@ -308,7 +308,8 @@ class HybridConfig(Section):
     # self-join). The pool (100), depth (4) and trees (30) were chosen by the ranker's own
     # validation users on ml-latest-small's stratified 75/25 train part
     # (benchmarks/ranker_settings.py; nDCG@10 0.2024 there against 0.1787 for the old pool of
-    # 50, which an earlier issue had read off that split's test part).
+    # 50, which an earlier issue had read off that split's test part). With tuning on, the pool
+    # and depth are the start of the run's own search (tune.ranker, TuneConfig).
     candidate_pool: int = Field(100, ge=1)
     ranker_knn_neighbours: int = Field(50, ge=0)
     # Ratings per user in the item-kNN co-occurrence self-join (null: cap_per_user).
