@@ -144,7 +144,7 @@ def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int
 
 
 def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | None], neighbours: int,
-                    min_common: int, cap: int | None, seed: int) -> DataFrame:
+                    min_common: int, cap: int | None, seed: int, centred: bool = True) -> DataFrame:
     """cosine_neighbours for several out-of-fold passes from one self-join: p, entity, nb, sim, rank.
 
     ratings: userId, movieId, rating, fold. Pass p (an index into `outs`) uses the ratings
@@ -154,6 +154,8 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     and norms into sum(r^2) - sum(r)^2 / n, so one self-join gathers the sums of every pass at
     once (a co-rating counts for a pass when neither of its two ratings is in the left-out fold)
     instead of one self-join per pass. The cap samples each `via` value's rows once for all passes.
+    `centred` False: the plain cosine of the rating vectors (dot sum(ra rb), norm sqrt(sum(r^2))),
+    as cosine_neighbours over the ratings themselves.
     """
     r = ratings.select(entity, via, F.col("rating").cast("double").alias("r"), "fold")
 
@@ -174,9 +176,11 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
             F.sum(F.when(keep(out, "fold"), F.col("r") * F.col("r")).otherwise(0.0)).alias(f"q{i}"))])
     per_pass = F.explode(F.array(*[F.struct(F.lit(i).alias("p"), F.col(f"n{i}").alias("n"), F.col(f"s{i}").alias("s"),
                                             F.col(f"q{i}").alias("q")) for i in range(len(outs))]))
+    # Uncentred: a mean of 0 turns the centred sums below into the plain ones.
+    mu = F.col("x.s") / F.col("x.n") if centred else F.lit(0.0)
+    sq = F.col("x.q") - F.col("x.s") * F.col("x.s") / F.col("x.n") if centred else F.col("x.q")
     means = (stats.select(entity, per_pass.alias("x")).where(F.col("x.n") > 0)
-             .select(entity, "x.p", (F.col("x.s") / F.col("x.n")).alias("mu"),
-                     F.sqrt(F.greatest(F.col("x.q") - F.col("x.s") * F.col("x.s") / F.col("x.n"), F.lit(0.0))).alias("norm")))
+             .select(entity, "x.p", mu.alias("mu"), F.sqrt(F.greatest(sq, F.lit(0.0))).alias("norm")))
     pruned = _capped(r, via, cap, seed)
     a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"))
     b = pruned.select(F.col(entity).alias("nb"), via, F.col("r").alias("rb"), F.col("fold").alias("fb"))

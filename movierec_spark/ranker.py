@@ -204,6 +204,28 @@ def cached_item_neighbours(train: DataFrame, h, seed: int) -> DataFrame | None:
     return item_neighbours(train, h.ranker_knn_neighbours, h.ranker_knn_cap or h.cap_per_user, seed).cache()
 
 
+def ranker_neighbours(train: DataFrame, h, seed: int) -> tuple[DataFrame | None, DataFrame | None, DataFrame | None]:
+    """(rest, whole, cached): the ranker's item-kNN tables (movieId, nb, sim) of train outside
+    fold 0 (what the ranker trains on, see train_ranker) and of the whole of train (what it
+    serves from), from one co-occurrence self-join (features.fold_neighbours, uncentred: a
+    co-rating counts for `rest` when neither rating is in fold 0), and the cached frame both
+    read, for the caller to release; (None, None, None) when `ranker_knn_neighbours` is 0.
+
+    Two self-joins (one per table) cost about 5 s each on ml-latest-small and dominate the
+    ranker's kNN cost at scale; the one join emits both tables' sums. The cap samples a user's
+    ratings once, from all of train, so a user with more than the cap in train keeps fewer
+    than the cap in `rest` (never a fold-0 rating)."""
+    if not h.ranker_knn_neighbours:
+        return None, None, None
+    from .features import fold_neighbours, with_folds
+
+    ones = with_folds(train.select("userId", "movieId"), seed, h.folds).withColumn("rating", F.lit(1.0))
+    both = fold_neighbours(ones, "movieId", "userId", [0, None], h.ranker_knn_neighbours, 1,
+                           h.ranker_knn_cap or h.cap_per_user, seed, centred=False).select(
+        "p", "movieId", "nb", "sim").cache()
+    return (both.where(F.col("p") == 0).drop("p"), both.where(F.col("p") == 1).drop("p"), both)
+
+
 def within_pool(feats: DataFrame, models: list[str], pool: int, p: int) -> DataFrame:
     """The ranker's rows (ranker_features over lists with implicit ALS's top `pool`) as they
     would be had implicit ALS listed only its top `p` (p <= pool; the other models' lists are
@@ -224,7 +246,7 @@ def within_pool(feats: DataFrame, models: list[str], pool: int, p: int) -> DataF
 
 
 def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg, n_items: int,
-                 search: bool = False) -> tuple[PipelineModel, list, dict]:
+                 search: bool = False, item_nb: DataFrame | None = None) -> tuple[PipelineModel, list, dict]:
     """(model, validation rows, tune): the ranker fitted on fold 0 of `train` (the features
     stage's hash folds) with the candidate models refitted on the other folds, so neither the
     ranker nor its inputs see a test part. A hash share of the users
@@ -238,7 +260,8 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     the chosen ranker's.
 
     Runs Spark jobs: it caches the refitted lists on the way and unpersists them before it
-    returns. `times`: train's (userId, movieId, rated_at).
+    returns. `times`: train's (userId, movieId, rated_at). `item_nb`: the item-kNN table of
+    train outside fold 0 when the caller has it (ranker_neighbours), else computed here.
     """
     from .baselines import top_n_per_user
     from .evaluation import evaluate_ranking_model
@@ -252,7 +275,8 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool,
                                              users=sample_users(rest, h.ranker_max_users, seed))
     lists = lists.cache()
-    nb = cached_item_neighbours(rest, h, seed)
+    own_nb = cached_item_neighbours(rest, h, seed) if item_nb is None else None
+    nb = own_nb if item_nb is None else item_nb
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb,
                                    h.ranker_active_days)
     # Materialized: the fit reads it, and the validation users' lists and held-out movies read it
@@ -284,7 +308,7 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
         vlists = top_n_per_user(rank_scores(model, vfeats), n_eval, score=F.col("p"))
         validation = evaluate_ranking_model(vlists, vheld, rest, n_items, ks=tuple(cfg.evaluation.ks),
                                             relevance_threshold=cfg.evaluation.relevance_threshold, similarity=sims)
-    for df in (feats, rest, lists, nb, *inner):
+    for df in (feats, rest, lists, own_nb, *inner):
         if df is not None:
             release(df)
     return model, validation, tune

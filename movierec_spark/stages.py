@@ -419,21 +419,23 @@ def _learned_scores(ctx: RunContext):
     from pyspark.ml.recommendation import ALSModel
 
     from .als import fit_implicit, recommend_unseen
-    from .ranker import cached_item_neighbours, pool_length, serving_scores, train_ranker
+    from .ranker import pool_length, ranker_neighbours, serving_scores, train_ranker
     from .tune import ranker_search
 
     spark = ctx.spark
     train, _ = split_frames(ctx)
-    search, tuned = ranker_search(ctx, train)
+    search, tuned, n_train = ranker_search(ctx, train)
     cfg = ctx.cfg
     h, seed = cfg.hybrid, cfg.pipeline.seed
     times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
     sims = run_table(ctx, "similar_movies")
     n_items = tables.read_table(spark, ctx.warehouse, "movies").count() if h.ranker_validation_users > 0 else 0
+    # The kNN tables of the ranker's training part and of the whole train part, from one self-join.
+    rest_nb, nb, nb_cached = ranker_neighbours(train, h, seed)
     t0 = time.perf_counter()
-    model, validation, tune = train_ranker(train, times, sims, cfg, n_items, search=search)
+    model, validation, tune = train_ranker(train, times, sims, cfg, n_items, search=search, item_nb=rest_nb)
     if tune:
-        tuned = {"tuned": {"settings": tune["settings"], "ratings": train.count(), "run_id": ctx.run_id},
+        tuned = {"tuned": {"settings": tune["settings"], "ratings": n_train, "run_id": ctx.run_id},
                  "tune": {"fits": len(tune["trials"]), "seconds": round(time.perf_counter() - t0, 1),
                           "trials": tune["trials"]}}
         ctx.apply_tuned(tuned["tuned"])
@@ -458,8 +460,7 @@ def _learned_scores(ctx: RunContext):
     from .session import materialize
 
     lists = materialize(lists)
-    nb = cached_item_neighbours(train, h, seed)
-    cached += [df for df in (lists, nb) if df is not None]
+    cached += [df for df in (lists, nb_cached) if df is not None]
     scored = serving_scores(model, lists, train, times, nb, implicit, cfg)
     return scored, lists, cached, validation, tuned
 

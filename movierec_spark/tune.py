@@ -284,22 +284,23 @@ def choose_implicit(ctx, train: DataFrame) -> dict:
                                      "trials": trials}}
 
 
-def ranker_search(ctx, train: DataFrame) -> tuple[bool, dict]:
-    """(search, reused): whether the recommend stage chooses the learned ranker's pool and depth
-    on its validation users (tuning on for this run, tune.ranker, validation users held out),
-    and the stage record of a reused choice (applied to ctx.cfg already) when a later serve
-    run reuses the newest run's."""
+def ranker_search(ctx, train: DataFrame) -> tuple[bool, dict, int | None]:
+    """(search, reused, n_train): whether the recommend stage chooses the learned ranker's pool
+    and depth on its validation users (tuning on for this run, tune.ranker, validation users
+    held out), the stage record of a reused choice (applied to ctx.cfg already) when a later
+    serve run reuses the newest run's, and train's size when it was counted (for the record of
+    a choice made here)."""
     cfg = ctx.cfg
     if not cfg.tune.ranker or cfg.hybrid.ranker_validation_users <= 0:
-        return False, {}
+        return False, {}, None
     n_train = train.count()
     if not should_tune(cfg, n_train):
-        return False, {}
+        return False, {}, n_train
     reused = _reused(ctx, n_train, "hybrid")
     if reused:
         tuned = {"settings": {"hybrid": reused["settings"]["hybrid"]}, "ratings": reused.get("ratings"),
                  "run_id": reused.get("run_id")}
         log.info("tune: reusing run %s's ranker choice %s", reused.get("run_id"), tuned["settings"]["hybrid"])
         ctx.apply_tuned(tuned)
-        return False, {"tuned": tuned, "tune": {"reused_from": reused.get("run_id")}}
-    return True, {}
+        return False, {"tuned": tuned, "tune": {"reused_from": reused.get("run_id")}}, n_train
+    return True, {}, n_train

@@ -183,6 +183,31 @@ def test_fold_neighbours_give_each_pass_the_lists_of_its_own_ratings(spark):
     assert features.fold_neighbours(r.limit(0), "userId", "movieId", outs, 3, 1, None, 0).isEmpty()
 
 
+def test_ranker_neighbours_give_the_tables_of_the_ranker_part_and_of_train_from_one_join(spark):
+    # 40 users rating random subsets of 15 movies: the two tables must equal item_neighbours
+    # over train outside fold 0 (the ranker's training part) and over all of train; with a cap,
+    # the whole table still equals item_neighbours' (the cap samples the same ratings).
+    import random
+    from types import SimpleNamespace
+
+    rnd = random.Random(3)
+    rows = [(u, m, 4.0, day(1)) for u in range(1, 41) for m in range(1, 16) if rnd.random() < 0.5]
+    train = spark.createDataFrame(rows, RATINGS)
+    fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(7)), F.lit(5))
+    for cap in (None, 4):
+        h = SimpleNamespace(ranker_knn_neighbours=6, ranker_knn_cap=cap, cap_per_user=100, folds=5)
+        rest, whole, cached = ranker.ranker_neighbours(train, h, 7)
+        assert_approx_df_equality(whole, ranker.item_neighbours(train, 6, cap, 7), 1e-12,
+                                  ignore_row_order=True, ignore_nullable=True)
+        if cap is None:
+            assert_approx_df_equality(rest, ranker.item_neighbours(train.where(fold != 0), 6, None, 7), 1e-12,
+                                      ignore_row_order=True, ignore_nullable=True)
+        assert rest.count() > 0 and whole.count() > rest.count() * 0.5
+        cached.unpersist()
+    off = SimpleNamespace(ranker_knn_neighbours=0, ranker_knn_cap=None, cap_per_user=100, folds=5)
+    assert ranker.ranker_neighbours(train, off, 7) == (None, None, None)
+
+
 def test_item_neighbours_count_co_raters_over_the_norms(spark, ratings, empty):
     # Binary vectors over users: 10 = {1, 2, 3}, 20 = {1, 2}, 30 = {1}.
     # cos(10, 20) = 2 / sqrt(3 * 2), cos(10, 30) = 1 / sqrt(3), cos(20, 30) = 1 / sqrt(2).
