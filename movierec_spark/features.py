@@ -144,7 +144,8 @@ def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int
 
 
 def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | None], neighbours: int,
-                    min_common: int, cap: int | None, seed: int, centred: bool = True) -> DataFrame:
+                    min_common: int, cap: int | None, seed: int, centred: bool = True,
+                    cap_per_pass: bool = False) -> DataFrame:
     """cosine_neighbours for several out-of-fold passes from one self-join: p, entity, nb, sim, rank.
 
     ratings: userId, movieId, rating, fold. Pass p (an index into `outs`) uses the ratings
@@ -155,7 +156,10 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     once (a co-rating counts for a pass when neither of its two ratings is in the left-out fold)
     instead of one self-join per pass. The cap samples each `via` value's rows once for all passes.
     `centred` False: the plain cosine of the rating vectors (dot sum(ra rb), norm sqrt(sum(r^2))),
-    as cosine_neighbours over the ratings themselves.
+    as cosine_neighbours over the ratings themselves. `cap_per_pass`: each pass samples its own
+    `cap` rows per `via` value from the ratings it keeps (the same hash order), exactly as
+    cosine_neighbours over that pass's ratings would; the join then carries the union of the
+    passes' samples.
     """
     r = ratings.select(entity, via, F.col("rating").cast("double").alias("r"), "fold")
 
@@ -181,12 +185,27 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     sq = F.col("x.q") - F.col("x.s") * F.col("x.s") / F.col("x.n") if centred else F.col("x.q")
     means = (stats.select(entity, per_pass.alias("x")).where(F.col("x.n") > 0)
              .select(entity, "x.p", mu.alias("mu"), F.sqrt(F.greatest(sq, F.lit(0.0))).alias("norm")))
-    pruned = _capped(r, via, cap, seed)
-    a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"))
-    b = pruned.select(F.col(entity).alias("nb"), via, F.col("r").alias("rb"), F.col("fold").alias("fb"))
+    own = bool(cap) and cap_per_pass
+    if own:
+        # In pass i's sample: kept by the pass, and among the first `cap` rows of the `via` value
+        # the pass keeps, in _capped's hash order (a running count of the kept rows).
+        w = (Window.partitionBy(via).orderBy(F.xxhash64("userId", "movieId", F.lit(seed)))
+             .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+        ins = [keep(out, "fold") & (F.sum(keep(out, "fold").cast("int")).over(w) <= cap) for out in outs]
+        anywhere = F.lit(False)
+        for i in range(len(outs)):
+            anywhere = anywhere | F.col(f"in{i}")
+        pruned = r.select("*", *[c.alias(f"in{i}") for i, c in enumerate(ins)]).where(anywhere)
+    else:
+        pruned = _capped(r, via, cap, seed)
+    flags = [f"in{i}" for i in range(len(outs))] if own else []
+    a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"),
+                      *[F.col(f).alias(f"a_{f}") for f in flags])
+    b = pruned.select(F.col(entity).alias("nb"), via, F.col("r").alias("rb"), F.col("fold").alias("fb"),
+                      *[F.col(f).alias(f"b_{f}") for f in flags])
     sums = []
     for i, out in enumerate(outs):
-        k = keep(out, "fa", "fb")
+        k = (F.col(f"a_in{i}") & F.col(f"b_in{i}")) if own else keep(out, "fa", "fb")
         sums += [F.sum(F.when(k, 1).otherwise(0)).alias(f"c{i}"),
                  F.sum(F.when(k, F.col("ra") * F.col("rb")).otherwise(0.0)).alias(f"ab{i}"),
                  F.sum(F.when(k, F.col("ra")).otherwise(0.0)).alias(f"a{i}"),

@@ -212,16 +212,17 @@ def ranker_neighbours(train: DataFrame, h, seed: int) -> tuple[DataFrame | None,
     read, for the caller to release; (None, None, None) when `ranker_knn_neighbours` is 0.
 
     Two self-joins (one per table) cost about 5 s each on ml-latest-small and dominate the
-    ranker's kNN cost at scale; the one join emits both tables' sums. The cap samples a user's
-    ratings once, from all of train, so a user with more than the cap in train keeps fewer
-    than the cap in `rest` (never a fold-0 rating)."""
+    ranker's kNN cost at scale; the one join emits both tables' sums. Each table samples its own
+    `cap` ratings per user, so both equal item_neighbours over their ratings (a first version
+    capped once for both: heavy raters kept fewer co-ratings in `rest` than the ranker had been
+    trained on until then)."""
     if not h.ranker_knn_neighbours:
         return None, None, None
     from .features import fold_neighbours, with_folds
 
     ones = with_folds(train.select("userId", "movieId"), seed, h.folds).withColumn("rating", F.lit(1.0))
     both = fold_neighbours(ones, "movieId", "userId", [0, None], h.ranker_knn_neighbours, 1,
-                           h.ranker_knn_cap or h.cap_per_user, seed, centred=False).select(
+                           h.ranker_knn_cap or h.cap_per_user, seed, centred=False, cap_per_pass=True).select(
         "p", "movieId", "nb", "sim").cache()
     return (both.where(F.col("p") == 0).drop("p"), both.where(F.col("p") == 1).drop("p"), both)
 

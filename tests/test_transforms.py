@@ -185,8 +185,8 @@ def test_fold_neighbours_give_each_pass_the_lists_of_its_own_ratings(spark):
 
 def test_ranker_neighbours_give_the_tables_of_the_ranker_part_and_of_train_from_one_join(spark):
     # 40 users rating random subsets of 15 movies: the two tables must equal item_neighbours
-    # over train outside fold 0 (the ranker's training part) and over all of train; with a cap,
-    # the whole table still equals item_neighbours' (the cap samples the same ratings).
+    # over train outside fold 0 (the ranker's training part) and over all of train, also with a
+    # cap (each table samples its own ratings per user).
     import random
     from types import SimpleNamespace
 
@@ -199,9 +199,8 @@ def test_ranker_neighbours_give_the_tables_of_the_ranker_part_and_of_train_from_
         rest, whole, cached = ranker.ranker_neighbours(train, h, 7)
         assert_approx_df_equality(whole, ranker.item_neighbours(train, 6, cap, 7), 1e-12,
                                   ignore_row_order=True, ignore_nullable=True)
-        if cap is None:
-            assert_approx_df_equality(rest, ranker.item_neighbours(train.where(fold != 0), 6, None, 7), 1e-12,
-                                      ignore_row_order=True, ignore_nullable=True)
+        assert_approx_df_equality(rest, ranker.item_neighbours(train.where(fold != 0), 6, cap, 7), 1e-12,
+                                  ignore_row_order=True, ignore_nullable=True)
         assert rest.count() > 0 and whole.count() > rest.count() * 0.5
         cached.unpersist()
     off = SimpleNamespace(ranker_knn_neighbours=0, ranker_knn_cap=None, cap_per_user=100, folds=5)
