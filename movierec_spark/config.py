@@ -425,6 +425,10 @@ class PipelineConfig(Section):
     # serve (learn from every rating, write recommendations) or evaluate (held-out test part);
     # `movierec evaluate` and --train/--test set evaluate.
     mode: Literal["serve", "evaluate"] = "serve"
+    # Stages run in a background thread beside others (pipeline.OVERLAP: content beside
+    # baselines to als_implicit, hybrid beside recommend): chains of small Spark jobs that
+    # leave the cores idle between jobs fill each other's gaps; [] runs every stage in turn.
+    overlap: list[Literal["content", "hybrid"]] = Field(default_factory=lambda: ["content", "hybrid"])
 
 
 class Config(Section):

@@ -4,6 +4,7 @@ by the run's stages) and the run-scoped reads and writes every stage uses."""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,28 @@ class RunContext:
     # The config the run was started with (JSON, redacted): what `runs` records and a resume
     # compares, whatever tuning changed in `cfg` since.
     config_json: str = ""
+    # Stages running in the background (pipeline.py, pipeline.overlap): name -> a call that
+    # waits for the stage and records it. wait_for() joins them; `ended` holds an Event per
+    # stage of the run, set once it finished (or the run failed), for a background stage that
+    # needs a stage the run's main thread is still on.
+    pending: dict[str, Callable[[], None]] = field(default_factory=dict)
+    ended: dict[str, threading.Event] = field(default_factory=dict)
+    _memo_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def wait_for(self, stage: str) -> None:
+        """Return once `stage` of this run has finished: at once when it is done or not part of
+        the run; a background stage is joined (its error raised here); a stage the main thread
+        runs is waited for (raises if it did not succeed)."""
+        join = self.pending.get(stage)
+        if join is not None:
+            join()
+            return
+        ev = self.ended.get(stage)
+        if ev is None or stage in self.stage_seconds and stage in self.results:
+            return
+        ev.wait()
+        if stage not in self.results:
+            raise RuntimeError(f"stage {stage} did not finish; this stage needs it")
 
     def apply_tuned(self, tuned: dict) -> None:
         """Run the rest of the run with the tuned settings (a stage's, or restored on resume)."""
@@ -60,9 +83,11 @@ class RunContext:
         return self.cfg.pipeline.mode == "serve"
 
     def memo(self, key: str, build: Callable[[], object]):
-        if key not in self.shared:
-            self.shared[key] = build()
-        return self.shared[key]
+        # Locked: two stages running side by side build (and cache) a shared frame once.
+        with self._memo_lock:
+            if key not in self.shared:
+                self.shared[key] = build()
+            return self.shared[key]
 
     def release(self) -> None:
         """Drop the memo and unpersist what it cached (a stage that rewrites its sources calls this)."""

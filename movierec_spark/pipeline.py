@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 import time
 import uuid
 
@@ -126,6 +127,34 @@ def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
                             f"rerun its stages with `{cmd} --run-id {run_id}` (pipeline.mode={row['kind']})")
 
 
+# Stages that may run in a background thread (pipeline.overlap): name -> (the stage at whose
+# turn it starts, the stages it may run beside). Each is a chain of small Spark jobs, as are the
+# stages beside it, and such chains leave the two cores idle between their jobs: on
+# ml-latest-small content (about 25 s) runs beside the rating models' and implicit ALS's tuning,
+# and the hybrid's 150-tree GBT (about 40 s) beside the ranker's search and training. Their
+# inputs are written before the start stage runs; what runs beside them reads nothing they
+# write, except through ctx.wait_for: content's evaluate-run predictions wait for baselines (the
+# tuned bias model), recommend waits for hybrid before it rates the served pairs.
+OVERLAP = {"content": ("baselines", ("baselines", "als", "als_implicit")),
+           "hybrid": ("recommend", ("recommend",))}
+
+
+def _overlap_plan(names: list[str], done: dict, cfg: Config) -> dict[str, str]:
+    """{background stage: the stage at whose turn it starts} for this run: stages listed in
+    pipeline.overlap whose start stage is in the run and everything between the two may run
+    beside it; none that a resume skips, or whose start stage it skips. (Two stages never
+    write the same table at once: tables.py takes one write per table at a time.)"""
+    plan = {}
+    for b in cfg.pipeline.overlap:
+        start, beside = OVERLAP[b]
+        if b not in names or start not in names or b in done or start in done:
+            continue
+        i, s = names.index(b), names.index(start)
+        if all(n in beside for n in names[min(i, s):max(i, s) + 1] if n != b):
+            plan[b] = start
+    return plan
+
+
 def validate_stages(names: list[str]) -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
@@ -134,6 +163,23 @@ def validate_stages(names: list[str]) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise PipelineError(f"stage(s) {repeated} listed more than once; each stage runs once per run")
+
+
+def _stop_background(spark: SparkSession, ctx: RunContext, running: dict) -> None:
+    """On a failed run: wake background stages waiting for a stage that will not finish, cancel
+    their jobs, and wait for them, recording the ones that finished (a resume skips those)."""
+    for ev in ctx.ended.values():
+        ev.set()
+    for b, fut in running.items():
+        spark.sparkContext.cancelJobGroup(f"{ctx.run_id}:{b}")
+    for b, fut in running.items():
+        try:
+            ctx.results[b] = fut.result()[0]
+            _record_stage(spark, ctx, b)
+        except BaseException as e:  # the run's own error is the one raised
+            log.warning("background stage %s stopped: %s: %s", b, type(e).__name__, str(e)[:300])
+    running.clear()
+    ctx.pending.clear()
 
 
 def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stages: list[str] | None = None,
@@ -172,15 +218,72 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
              redact_text(ctx.warehouse))
     _record_run(spark, ctx, started, "running")
     current = None
+    plan = _overlap_plan(names, done, cfg)
+    ctx.ended.update({n: threading.Event() for n in names})
+    running: dict = {}  # background stage -> its future
+    pool = None
+
+    def launch(b: str) -> None:
+        nonlocal pool
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pyspark import inheritable_thread_target
+
+        def body():
+            spark.sparkContext.setJobGroup(f"{ctx.run_id}:{b}", f"movierec stage {b}")
+            t0 = time.perf_counter()
+            try:
+                return STAGES[b](ctx) or {}, None
+            finally:
+                ctx.stage_seconds[b] = round(time.perf_counter() - t0, 3)
+
+        pool = pool or ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="stage")
+        beside = [n for n in OVERLAP[b][1] if n in names and n not in done]
+        log.info("[%d/%d] stage %s ... (in the background, beside %s)", names.index(b) + 1, len(names), b,
+                 ", ".join(beside))
+        running[b] = pool.submit(inheritable_thread_target(spark)(body))
+        ctx.pending[b] = lambda: join(b)
+
+    def join(b: str) -> None:
+        """Wait for background stage b and record it (its error raised as the run's)."""
+        nonlocal current
+        fut = running.pop(b, None)
+        if fut is None:
+            return
+        ctx.pending.pop(b, None)
+        try:
+            result, _ = fut.result()
+        except BaseException:
+            current = b
+            raise
+        ctx.results[b] = result
+        _record_stage(spark, ctx, b)
+        ctx.ended[b].set()
+        log.info("[%d/%d] stage %s done in %.1f s (in the background): %s", names.index(b) + 1, len(names), b,
+                 ctx.stage_seconds[b], result)
+
     try:
         for i, name in enumerate(names, 1):
             current = name
             if name in done:
                 ctx.stage_seconds[name], ctx.results[name] = done[name]
                 ctx.apply_tuned(ctx.results[name].get("tuned"))  # what the stage chose, for the rest
+                ctx.ended[name].set()
                 log.info("[%d/%d] stage %s: done earlier in this run (%.1f s); skipped on resume",
                          i, len(names), name, ctx.stage_seconds[name])
                 continue
+            for b in list(running):  # a background stage is over before a stage it may not run beside
+                if name not in OVERLAP[b][1]:
+                    join(b)
+            current = name
+            if name in plan:
+                if name in ctx.results:  # ran in the background, joined above
+                    continue
+                if name not in running and names.index(plan[name]) > names.index(name):
+                    continue  # starts in the background at its start stage's turn
+            for b, start in plan.items():
+                if start == name:
+                    launch(b)
             log.info("[%d/%d] stage %s ...", i, len(names), name)
             t0 = time.perf_counter()
             spark.sparkContext.setJobGroup(f"{ctx.run_id}:{name}", f"movierec stage {name}")
@@ -188,21 +291,27 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
             ctx.stage_seconds[name] = round(time.perf_counter() - t0, 3)
             ctx.results[name] = result
             _record_stage(spark, ctx, name)
+            ctx.ended[name].set()
             log.info("[%d/%d] stage %s done in %.1f s: %s", i, len(names), name, ctx.stage_seconds[name], result)
             if ctx.stop_reason and i < len(names):
                 log.info("%s; skipping %s", ctx.stop_reason, ", ".join(names[i:]))
                 ctx.results["skipped"] = {"stages": names[i:], "reason": ctx.stop_reason}
                 break
+        for b in list(running):
+            join(b)
     except BaseException as e:
         if current and current not in ctx.stage_seconds:
             ctx.stage_seconds[current] = round(time.perf_counter() - t0, 3)
         msg = f"{type(e).__name__} in stage {current}: {e}"
+        _stop_background(spark, ctx, running)
         try:
             _record_run(spark, ctx, started, "failed", msg[:4000])
         except Exception:  # the original error matters more than the bookkeeping one
             log.exception("could not record the failed run %s", ctx.run_id)
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         ctx.release()
     _record_run(spark, ctx, started, "succeeded")
     # Only a serve run's outputs are what consumers are served; an evaluate run moves nothing.

@@ -195,6 +195,7 @@ def content_stage(ctx: RunContext) -> dict:
     train, test = split_frames(ctx)
     sims = run_table(ctx, "similar_movies").cache()
     if not ctx.serving:  # a serve run has no test part to predict
+        ctx.wait_for("baselines")  # the bias model at the settings its tuning chose (content may run beside it)
         preds = content_predict(test, train, sims, bias_model(ctx, train), c.predict_shrink,
                                 *rating_scale(ctx)).cache()
         out["backed_off"] = preds.where(F.col("n_nb") == 0).count()
@@ -405,6 +406,7 @@ def _hybrid_scores(ctx: RunContext):
         raise ValueError("recommend: no candidate rows in `features`: with hybrid.ranker=hybrid, run the "
                          f"candidate models ({', '.join(ctx.cfg.hybrid.candidate_models)}) and the features "
                          "stage in this run first")
+    ctx.wait_for("hybrid")  # the hybrid stage may be running beside this one
     model = PipelineModel.load(model_path(ctx, "hybrid"))
     scored = predict_hybrid(model, feats, *rating_scale(ctx)).select("userId", "movieId", "prediction")
     return scored, _run_lists(ctx)
@@ -493,6 +495,7 @@ def _predicted_ratings(ctx: RunContext, pairs):
     from .fs import exists
     from .hybrid import predict_hybrid
 
+    ctx.wait_for("hybrid")  # the hybrid stage may be running beside this one
     feats, path = run_table(ctx, "features"), model_path(ctx, "hybrid")
     if feats is None or not exists(path):
         log.warning("recommend: run %s has no %s: recommendations carry no predicted_rating "

@@ -12,6 +12,7 @@ empty warehouse sees the contract rather than an inferred schema.
 from __future__ import annotations
 
 import logging
+import threading
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -168,6 +169,29 @@ def table_exists(spark: SparkSession, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
 
+# Stages writing side by side (pipeline.overlap) may both find a table missing: one creates it.
+_CREATE_LOCK = threading.Lock()
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _one_writer(fn):
+    """One write at a time per table in this process: stages running side by side (pipeline.
+    overlap) write the same tables (top_n, predictions, metrics), and two concurrent Delta
+    transactions that both replace rows of a table without partitions can fail each other
+    (ConcurrentAppendException), whatever their predicates."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(spark, df, warehouse, name, *args, **kwargs):
+        path = table_path(warehouse, name)
+        with _LOCKS_LOCK:
+            lock = _WRITE_LOCKS.setdefault(path, threading.RLock())
+        with lock:
+            return fn(spark, df, warehouse, name, *args, **kwargs)
+    return locked
+
+
 def ensure_table(spark: SparkSession, warehouse: str, name: str, schema: T.StructType | None = None,
                  partition_by: list[str] | None = None) -> str:
     """Create the table with its contract schema, comment and properties if it does not exist."""
@@ -175,7 +199,10 @@ def ensure_table(spark: SparkSession, warehouse: str, name: str, schema: T.Struc
     schema = schema or TABLE_SCHEMAS[name]
     if table_exists(spark, path):
         _add_missing_columns(spark, path, name, schema)
-    else:
+        return path
+    with _CREATE_LOCK:
+        if table_exists(spark, path):
+            return path
         b = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
         if name in TABLE_COMMENTS:
             b = b.comment(TABLE_COMMENTS[name])
@@ -206,6 +233,7 @@ def conform(df: DataFrame, name: str, schema: T.StructType | None = None) -> Dat
     return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
 
 
+@_one_writer
 def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: list[str] | None = None,
            delete_missing: bool = False) -> dict:
     """MERGE new and changed rows by key; commit nothing when nothing changed.
@@ -273,6 +301,7 @@ def _replace_rows(dt: DeltaTable, src: DataFrame, name: str, keys: list[str]) ->
     return stats
 
 
+@_one_writer
 def replace_where(spark: SparkSession, df: DataFrame, warehouse: str, name: str, where: dict[str, str] | str,
                   schema: T.StructType | None = None, partition_by: list[str] | None = None,
                   fresh: bool = False) -> None:
@@ -299,12 +328,14 @@ def sql_literal(v) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
+@_one_writer
 def append(spark: SparkSession, df: DataFrame, warehouse: str, name: str) -> None:
     """Blind append: only for rows whose key cannot be in the table yet (e.g. a new run id)."""
     path = ensure_table(spark, warehouse, name)
     conform(df, name).write.format("delta").mode("append").save(path)
 
 
+@_one_writer
 def overwrite(spark: SparkSession, df: DataFrame, warehouse: str, name: str,
               schema: T.StructType | None = None) -> None:
     path = ensure_table(spark, warehouse, name, schema)

@@ -43,7 +43,10 @@ def install(stage: str, marker: str) -> None:
 
     for name, fn in list(pipeline.STAGES.items()):
         def wrapped(ctx, _fn=fn, _name=name):
-            current["stage"] = _name
+            # The run's main thread's stage: a stage running in the background beside it
+            # (pipeline.overlap) is killed in the window of the stage it runs beside.
+            if threading.current_thread() is threading.main_thread():
+                current["stage"] = _name
             return _fn(ctx)
         pipeline.STAGES[name] = wrapped
 

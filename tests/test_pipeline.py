@@ -69,3 +69,84 @@ def test_default_input_offline_falls_back_to_demo(tmp_path, monkeypatch, caplog)
     assert "GroupLens is unreachable" in caplog.text and "--input" in caplog.text
     # A second call reuses the generated set instead of regenerating it.
     assert default_input(cfg) == path
+
+
+def _overlap_stages(monkeypatch, log: list, fail: str | None = None):
+    """Stand-in stages for the overlap tests: each logs its start and end; content needs
+    baselines' result (ctx.wait_for) and recommend needs hybrid's."""
+    import threading
+    import time
+
+    from movierec_spark import pipeline
+
+    content_started = threading.Event()
+
+    def stage(name, body=None):
+        def run(ctx):
+            log.append((name, "start", threading.current_thread() is threading.main_thread()))
+            if name == fail:
+                raise ValueError(f"{name} broke")
+            out = body(ctx) if body else {}
+            log.append((name, "end"))
+            return {"name": name, **(out or {})}
+        monkeypatch.setitem(pipeline.STAGES, name, run)
+
+    # baselines returns only once content runs beside it: they overlap, or this times out.
+    stage("baselines", lambda ctx: {"beside": content_started.wait(30)})
+    stage("als")
+
+    def content(ctx):
+        content_started.set()
+        ctx.wait_for("baselines")
+        return {"saw_baselines": ctx.results.get("baselines", {}).get("name")}
+    stage("content", content)
+
+    def hybrid(ctx):
+        time.sleep(1.0)
+        return {"slept": True}
+    stage("hybrid", hybrid)
+
+    def recommend(ctx):
+        running = "hybrid" not in ctx.results
+        ctx.wait_for("hybrid")
+        return {"hybrid_ran_beside": running, "hybrid_then": ctx.results["hybrid"]["slept"]}
+    stage("recommend", recommend)
+
+
+def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp_path, monkeypatch):
+    log: list = []
+    _overlap_stages(monkeypatch, log)
+    # An evaluate run: a serve run would point `latest` at the (stand-in) recommend stage's table.
+    cfg = make_config(tmp_path / "wh", pipeline__mode="evaluate")
+    names = ["baselines", "als", "content", "hybrid", "recommend"]
+    ctx = run_pipeline(spark, cfg, None, stages=names)
+    assert ctx.results["baselines"]["beside"] is True
+    assert ctx.results["content"]["saw_baselines"] == "baselines"
+    assert ctx.results["recommend"] == {"name": "recommend", "hybrid_ran_beside": True, "hybrid_then": True}
+    # content and hybrid ran off the main thread, the others on it.
+    assert {e[0]: e[2] for e in log if e[1] == "start"} == {
+        "baselines": True, "als": True, "content": False, "hybrid": False, "recommend": True}
+    rows = tables.read_table(spark, cfg.paths.warehouse, "run_stages").where(f"run_id = '{ctx.run_id}'").collect()
+    assert {r.stage for r in rows} == set(names)
+    run = tables.read_table(spark, cfg.paths.warehouse, "runs").where(f"run_id = '{ctx.run_id}'").first()
+    assert run.status == "succeeded" and set(run.stage_seconds) == set(names)
+    # Off: every stage in turn on the main thread (baselines then waits for content in vain).
+    log.clear()
+    seq = make_config(tmp_path / "wh2", pipeline__overlap=[], pipeline__mode="evaluate")
+    ctx = run_pipeline(spark, seq, None, stages=["als", "content", "hybrid", "recommend"])
+    assert all(e[2] for e in log if e[1] == "start")
+    assert ctx.results["recommend"]["hybrid_ran_beside"] is False
+
+
+def test_a_failed_stage_stops_the_background_one_and_fails_the_run(spark, tmp_path, monkeypatch):
+    log: list = []
+    _overlap_stages(monkeypatch, log, fail="baselines")
+    cfg = make_config(tmp_path / "wh")
+    with pytest.raises(ValueError, match="baselines broke"):
+        run_pipeline(spark, cfg, None, stages=["baselines", "als", "content"], run_id="ov-fail")
+    run = tables.read_table(spark, cfg.paths.warehouse, "runs").where("run_id = 'ov-fail'").first()
+    assert run.status == "failed" and "ValueError in stage baselines" in run.error
+    # content waited for baselines, which never finished: it stopped too, and is not recorded.
+    stages = {r.stage for r in tables.read_table(spark, cfg.paths.warehouse, "run_stages").collect()} \
+        if tables.table_exists(spark, tables.table_path(cfg.paths.warehouse, "run_stages")) else set()
+    assert "content" not in stages and ("content", "end") not in log
