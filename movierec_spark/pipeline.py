@@ -139,6 +139,17 @@ OVERLAP = {"content": ("baselines", ("baselines", "als", "als_implicit")),
            "hybrid": ("recommend", ("recommend",))}
 
 
+# What the stages import when they first run, imported by the main thread before a stage starts
+# in the background: two threads importing a package for the first time at once can each see
+# it half-initialised (a resumed run's hybrid and recommend stages failed so, with "cannot
+# import name 'JavaParams' from partially initialized module 'pyspark.ml.wrapper'").
+_STAGE_IMPORTS = ("pyspark.ml", "pyspark.ml.wrapper", "pyspark.ml.classification", "pyspark.ml.evaluation",
+                  "pyspark.ml.feature", "pyspark.ml.functions", "pyspark.ml.linalg", "pyspark.ml.recommendation",
+                  "pyspark.ml.regression", "pyspark.ml.tuning", "movierec_spark.als", "movierec_spark.baselines",
+                  "movierec_spark.content", "movierec_spark.evaluation", "movierec_spark.features",
+                  "movierec_spark.hybrid", "movierec_spark.ranker", "movierec_spark.recommend", "movierec_spark.tune")
+
+
 def _overlap_plan(names: list[str], done: dict, cfg: Config) -> dict[str, str]:
     """{background stage: the stage at whose turn it starts} for this run: stages listed in
     pipeline.overlap whose start stage is in the run and everything between the two may run
@@ -237,6 +248,10 @@ def run_pipeline(spark: SparkSession, cfg: Config, input_path: str | None, stage
             finally:
                 ctx.stage_seconds[b] = round(time.perf_counter() - t0, 3)
 
+        import importlib
+
+        for module in _STAGE_IMPORTS:
+            importlib.import_module(module)
         pool = pool or ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="stage")
         beside = [n for n in OVERLAP[b][1] if n in names and n not in done]
         log.info("[%d/%d] stage %s ... (in the background, beside %s)", names.index(b) + 1, len(names), b,
