@@ -130,7 +130,7 @@ def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp
     assert {r.stage for r in rows} == set(names)
     run = tables.read_table(spark, cfg.paths.warehouse, "runs").where(f"run_id = '{ctx.run_id}'").first()
     assert run.status == "succeeded" and set(run.stage_seconds) == set(names)
-    # Off: every stage in turn on the main thread (baselines then waits for content in vain).
+    # Off: every stage in turn on the main thread; recommend finds hybrid already done.
     log.clear()
     seq = make_config(tmp_path / "wh2", pipeline__overlap=[], pipeline__mode="evaluate")
     ctx = run_pipeline(spark, seq, None, stages=["als", "content", "hybrid", "recommend"])
