@@ -454,7 +454,7 @@ def with_folds(train: DataFrame, seed: int, folds: int) -> DataFrame:
 
 
 def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: HybridConfig, seed: int,
-                n_train: int, whole_fit: bool = False) -> tuple[list[FeaturePass], dict]:
+                n_train: int, whole_fit: bool = False, test_rows: bool = True) -> tuple[list[FeaturePass], dict]:
     """The features stage's passes, and figures for its log: out-of-fold passes over train's hash
     folds (fold f's rows from the other folds), and test rows plus recommendation candidates
     (`cands`: userId, movieId) from the whole train part.
@@ -463,6 +463,8 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
     neighbour lists: one pass fewer, train and test features from fits of the same size); 'auto'
     picks it when one out-of-fold pass is computed on a sample. `whole_fit` (a serve run) forces
     a pass from the whole train part: served pairs are featurised from every rating, never a fold.
+    `test_rows` False (a serve run: no test part): no test rows; without `cands` either, the plan
+    is the out-of-fold passes alone.
     """
     folded = with_folds(train, seed, h.folds)
     # The pairs' rating times ride along (the time features); a candidate has none.
@@ -477,12 +479,14 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
         test_mode = "fold" if n_oof == 1 and frac < 1.0 else "full"
     if whole_fit:
         test_mode = "full"
+    names = (("test",) if test_rows else ()) + (("candidate",) if cands is not None else ())
+    if not names:
+        test_mode = "none"
     pairs = test.withColumn("split", F.lit("test"))
     if cands is not None:
         pairs = pairs.unionByName(cands.select("userId", "movieId", F.lit(None).cast("double").alias("rating"),
                                                F.lit("candidate").alias("split"),
                                                *[F.lit(None).cast("timestamp").alias(c) for c in kcols[2:]]))
-    names = ("test", "candidate") if cands is not None else ("test",)
     passes = []
     for f in range(n_oof):
         rows = folded.where((F.col("fold") == f) & keep)
@@ -495,7 +499,8 @@ def plan_passes(train: DataFrame, test: DataFrame, cands: DataFrame | None, h: H
                f"from the other {h.folds - 1} folds)"
         passes.append(FeaturePass(what, folded.where(F.col("fold") != f), keys, labels, f))
     if test_mode == "full":
-        passes.append(FeaturePass(f"test rows{' and candidates' if cands is not None else ''}, from the whole train part",
+        what = " and ".join(("test rows",) * test_rows + ("candidates",) * (cands is not None))
+        passes.append(FeaturePass(f"{what}, from the whole train part",
                                   train, pairs.select(*kcols).distinct(),
                                   [(n, pairs.where(F.col("split") == n), -1) for n in names]))
     return passes, {"oof_folds": n_oof, "oof_fraction": round(frac, 4), "test_features": test_mode}
@@ -569,7 +574,7 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
                    folded: DataFrame | None = None, whole_als=None, batched: bool = True,
-                   users: DataFrame | None = None) -> list[DataFrame]:
+                   users: DataFrame | None = None, whole_nb: dict | None = None) -> list[DataFrame]:
     """pair_features of every pass (each result materialized: `release` them once
     written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
 
@@ -579,18 +584,33 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it.
     `batched` (with `folded` and several out-of-fold passes): those passes in one
     batched_pass_features call. `users`: the demographics (the `users` table), if any.
+    `whole_nb` (a dict, with `folded`): the user and movie neighbour lists of the whole train part
+    (userId or movieId, nb, sim, rank), as cosine_neighbours over train gives them, are put in it
+    materialized ("user", "movie": `release` them), from the same self-join as the passes' lists
+    (one more pass's sums in it), for featurising pairs from the whole train part later (a serve
+    run's served pairs, once the ranker has chosen them).
     """
     nbs: list = []
+    outs = [p.fold_out for p in passes]
+    whole = None
+    if whole_nb is not None and folded is not None:
+        if None not in outs:
+            outs.append(None)
+        whole = outs.index(None)
     # One self-join over all of train instead of one over each pass's share of it: a win from
     # two passes on (a single pass, as on 25M ratings, would join more rows than it needs).
-    if folded is not None and len(passes) > 1:
+    if folded is not None and len(outs) > 1:
         h, seed = args[5], args[6]
-        outs = [p.fold_out for p in passes]
         log.info("features: neighbour lists of %d passes from one self-join each", len(outs))
         nbs = [fold_neighbours(folded, "userId", "movieId", outs, h.neighbours, h.min_common, h.cap_per_movie,
                                seed).cache(),
                fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
                                seed).cache()]
+        if whole is not None:
+            from .session import materialize
+
+            whole_nb.update(user=materialize(nbs[0].where(F.col("p") == whole).drop("p")),
+                            movie=materialize(nbs[1].where(F.col("p") == whole).drop("p")))
 
     def run_pass(i: int) -> DataFrame:
         p = passes[i]

@@ -213,7 +213,6 @@ def features_stage(ctx: RunContext) -> dict:
     """Hybrid features: train rows out-of-fold, test rows (and a serve run's candidates) from the
     whole train part."""
     from .features import compute_passes, labelled_rows, plan_passes, with_folds
-    from .hybrid import model_features
 
     cfg, spark = ctx.cfg, ctx.spark
     h = cfg.hybrid
@@ -224,33 +223,56 @@ def features_stage(ctx: RunContext) -> dict:
     splits = run_table(ctx, "rating_splits")
     train, test = [splits.where(F.col("split") == s).select("userId", "movieId", "rating", "rated_at").cache()
                    for s in ("train", "test")]
-    sims = run_table(ctx, "similar_movies")
-    if sims is None:
-        log.info("features: no similar_movies (content stage not run): content features are filled")
-    # A serve run featurises the candidates (the hybrid's predicted rating of each served pair).
-    cands = _candidates(ctx) if h.ranker == "hybrid" or ctx.serving else None
-    passes, out = plan_passes(train, test, cands, h, cfg.pipeline.seed, train.count(), whole_fit=ctx.serving)
-    args = (tables.read_table(spark, ctx.warehouse, "movies"), sims, cfg.baseline, cfg.als, cfg.content, h,
-            cfg.pipeline.seed, *rating_scale(ctx),
-            # Implicit ALS's score costs an ALS fit per pass: only when the GBT takes it.
-            cfg.als_implicit if "implicit" in model_features(h) else None)
+    # Candidates are featurised here only when the hybrid ranks them. With the learned ranker a
+    # serve run rates only the pairs it serves, in the recommend stage once the ranker has chosen
+    # them (at 1M ratings about 300,000 candidates for 60,000 served pairs): this stage keeps the
+    # whole train part's neighbour lists for that.
+    cands = _candidates(ctx) if h.ranker == "hybrid" else None
+    served_later = ctx.serving and cands is None
+    passes, out = plan_passes(train, test, cands, h, cfg.pipeline.seed, train.count(),
+                              whole_fit=ctx.serving and cands is not None, test_rows=not ctx.serving)
+    args, users = _feature_inputs(ctx)
     folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
-    # Demographics where the layout has them (ml-100k, ml-1m) and the GBT may take them.
-    users = optional_table(ctx, "users") if h.demographics != "off" and "demo" in _groups_taken(h) else None
-    if users is not None:
-        log.info("features: user demographics (gender, age, occupation) from the users table")
+    whole_nb: dict | None = {} if served_later else None
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
-                             batched=h.batched_passes, users=users)
+                             batched=h.batched_passes, users=users, whole_nb=whole_nb)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     from .session import release
 
+    if whole_nb:
+        path = model_path(ctx, "neighbours")
+        for kind, df in whole_nb.items():
+            df.write.mode("overwrite").parquet(f"{path}/{kind}")
+            release(df)
+        out["neighbours_path"] = path
     # Once each: a batched result stands for every out-of-fold pass (a second release of its
     # checkpoint makes the block manager warn about blocks already gone).
     for df in {id(d): d for d in results + [train, test]}.values():
         release(df)
     out.update({r["split"]: r["count"] for r in run_table(ctx, "features").groupBy("split").count().collect()})
     return out
+
+
+def _feature_inputs(ctx: RunContext) -> tuple[tuple, object]:
+    """(args, users): pair_features' positional arguments after the pairs (movies, similar
+    movies, the model sections, seed, rating scale, implicit ALS's settings) and the users table
+    when the GBT may take the demographics (None otherwise)."""
+    from .hybrid import model_features
+
+    cfg, h = ctx.cfg, ctx.cfg.hybrid
+    sims = run_table(ctx, "similar_movies")
+    if sims is None:
+        log.info("features: no similar_movies (content stage not run): content features are filled")
+    args = (tables.read_table(ctx.spark, ctx.warehouse, "movies"), sims, cfg.baseline, cfg.als, cfg.content, h,
+            cfg.pipeline.seed, *rating_scale(ctx),
+            # Implicit ALS's score costs an ALS fit per pass: only when the GBT takes it.
+            cfg.als_implicit if "implicit" in model_features(h) else None)
+    # Demographics where the layout has them (ml-100k, ml-1m) and the GBT may take them.
+    users = optional_table(ctx, "users") if h.demographics != "off" and "demo" in _groups_taken(h) else None
+    if users is not None:
+        log.info("features: user demographics (gender, age, occupation) from the users table")
+    return args, users
 
 
 def _groups_taken(h) -> set[str]:
@@ -475,7 +497,7 @@ def _write_recommendations(ctx: RunContext, ranked, n: int) -> dict:
 
     spark, wh, run = ctx.spark, ctx.warehouse, ctx.run_id
     served = ranked.where(F.col("rank") <= n)
-    rated = _predicted_ratings(ctx, served)
+    rated, feats = _predicted_ratings(ctx, served)
     served = (served.withColumn("predicted_rating", F.lit(None).cast("double")) if rated is None
               else served.join(rated, ["userId", "movieId"], "left"))
     times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
@@ -484,28 +506,61 @@ def _write_recommendations(ctx: RunContext, ranked, n: int) -> dict:
                                       times, n, r.new_user_window_days if r.new_user_max_ratings > 0 else None)
     recs = served.select(*cold_recs.columns).unionByName(cold_recs).select(F.lit(run).alias("run_id"), "*")
     tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
+    if feats is not None:
+        from .session import release
+
+        release(feats)
     return {"cold_users": cold.count()}
 
 
 def _predicted_ratings(ctx: RunContext, pairs):
-    """userId, movieId, predicted_rating: the hybrid's rating of `pairs`, from this run's
-    candidate features and hybrid model (None, logged, when the run has neither)."""
+    """(userId, movieId, predicted_rating: the hybrid's rating of `pairs` from this run's hybrid
+    model, None, logged, when the run has no features or no model; the features frame it
+    materialized for them, to `release` once used, or None). With the learned ranker the pairs
+    are featurised here (_served_features); with the hybrid ranker the features stage did."""
     from pyspark.ml import PipelineModel
 
     from .fs import exists
     from .hybrid import predict_hybrid
 
+    feats, own = run_table(ctx, "features"), None
+    if feats is not None and ctx.cfg.hybrid.ranker != "hybrid":
+        # The learned ranker chose the pairs: their features from the whole train part, here.
+        feats = own = _served_features(ctx, pairs)
+    elif feats is not None:
+        feats = feats.where(F.col("split") == "candidate").join(pairs.select("userId", "movieId"),
+                                                               ["userId", "movieId"], "left_semi")
     ctx.wait_for("hybrid")  # the hybrid stage may be running beside this one
-    feats, path = run_table(ctx, "features"), model_path(ctx, "hybrid")
+    path = model_path(ctx, "hybrid")
     if feats is None or not exists(path):
         log.warning("recommend: run %s has no %s: recommendations carry no predicted_rating "
                     "(run the features and hybrid stages in the run)", ctx.run_id,
                     "features" if feats is None else "hybrid model")
-        return None
-    cands = feats.where(F.col("split") == "candidate").join(pairs.select("userId", "movieId"),
-                                                           ["userId", "movieId"], "left_semi")
-    return predict_hybrid(PipelineModel.load(path), cands, *rating_scale(ctx)).select(
-        "userId", "movieId", F.col("prediction").alias("predicted_rating"))
+        return None, own
+    return predict_hybrid(PipelineModel.load(path), feats, *rating_scale(ctx)).select(
+        "userId", "movieId", F.col("prediction").alias("predicted_rating")), own
+
+
+def _served_features(ctx: RunContext, pairs):
+    """The hybrid's features of `pairs` (userId, movieId) from the whole train part (materialized):
+    with the neighbour lists the features stage kept (computed here when it kept none) and the
+    als stage's model (refitted when this process has none, as on a resume)."""
+    from .features import pair_features
+    from .fs import exists
+
+    cfg = ctx.cfg
+    train = run_table(ctx, "rating_splits").where(F.col("split") == "train").select(
+        "userId", "movieId", "rating", "rated_at")
+    args, users = _feature_inputs(ctx)
+    path = (ctx.results.get("features") or {}).get("neighbours_path")
+    nb = {}
+    if path and exists(f"{path}/user") and exists(f"{path}/movie"):
+        nb = {"user_nb": ctx.spark.read.parquet(f"{path}/user"), "movie_nb": ctx.spark.read.parquet(f"{path}/movie")}
+    else:
+        log.info("recommend: no saved neighbour lists of the whole train part: computed for the served pairs")
+    als = ctx.shared.get("als_model") if cfg.als.residual else None
+    log.info("recommend: the hybrid's features of the served pairs, from the whole train part")
+    return pair_features(train, pairs.select("userId", "movieId").distinct(), *args, als_model=als, users=users, **nb)
 
 
 def _candidates(ctx: RunContext):

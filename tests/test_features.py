@@ -104,8 +104,22 @@ def test_batched_out_of_fold_passes_equal_the_passes_one_by_one(spark):
     users = spark.createDataFrame([(u * 7 + 3, "MF"[u % 2], 15 + u, f"job{u % 3}", "0") for u in range(35)],
                                   "userId int, gender string, age int, occupation string, zip string")
     one = compute_passes(spark, passes, args, folded=folded, batched=False, whole_als=given, users=users)
-    many = compute_passes(spark, passes, args, folded=folded, batched=True, whole_als=given, users=users)
+    whole: dict = {}
+    many = compute_passes(spark, passes[:2], args, folded=folded, batched=True, users=users, whole_nb=whole)
+    many.append(compute_passes(spark, passes[2:], args, whole_als=given, users=users)[0])
     assert len(many) == 3 and many[0] is many[1] and many[0] is not one[0]
+    # The out-of-fold passes alone also gave the whole train part's neighbour lists (a serve
+    # run's served pairs take them): what cosine_neighbours over train gives.
+    from movierec_spark.session import release
+
+    centred = {"userId": train.join(train.groupBy("userId").agg(F.avg("rating").alias("mu")), "userId"),
+               "movieId": train.join(train.groupBy("movieId").agg(F.avg("rating").alias("mu")), "movieId")}
+    for kind, entity, via, cap in (("user", "userId", "movieId", h.cap_per_movie),
+                                   ("movie", "movieId", "userId", h.cap_per_user)):
+        c = centred[entity].select("userId", "movieId", (F.col("rating") - F.col("mu")).alias("c"))
+        assert_approx_df_equality(whole[kind], cosine_neighbours(c, entity, via, h.neighbours, h.min_common, cap, 7),
+                                  1e-9, ignore_row_order=True)
+        release(whole[kind])
     want = {(r.userId, r.movieId): r.prediction for r in
             predict_explicit(given, bias, test.select("userId", "movieId"), True).collect()}
     for results in (one, many):

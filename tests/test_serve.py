@@ -245,3 +245,32 @@ def test_a_reader_polling_recommendations_during_a_rewrite_sees_whole_versions(s
     assert p.returncode == 0, out[-3000:]
     print(f"\n{polls} polls; versions seen by list size: {seen}")
     assert 10 in seen and 5 in seen  # the reader was there before and after the rewrite
+
+
+def test_served_pairs_are_rated_from_features_of_the_whole_train_part(serve_run):
+    # With the learned ranker the features stage featurises no candidates: the recommend stage
+    # rates the pairs it serves, from the whole train part, with the neighbour lists the features
+    # stage kept. The same rating as features computed from scratch for those pairs (their own
+    # co-rating self-joins) through the run's hybrid model.
+    from pyspark.ml import PipelineModel
+
+    from movierec_spark.context import model_path, rating_scale
+    from movierec_spark.features import pair_features
+    from movierec_spark.hybrid import predict_hybrid
+    from movierec_spark.stages import _feature_inputs
+
+    spark, cfg, ctx = serve_run
+    wh = cfg.paths.warehouse
+    feats = tables.read_table(spark, wh, "features").where("run_id = 'sv'")
+    assert feats.where("split != 'train'").isEmpty() and not feats.isEmpty()
+    assert (Path(ctx.results["features"]["neighbours_path"]) / "user").is_dir()
+    recs = _recs(spark, wh)
+    train = tables.read_table(spark, wh, "rating_splits").where("run_id = 'sv' AND split = 'train'").select(
+        "userId", "movieId", "rating", "rated_at")
+    args, users = _feature_inputs(ctx)
+    fresh = pair_features(train, recs.select("userId", "movieId"), *args, users=users)
+    want = predict_hybrid(PipelineModel.load(model_path(ctx, "hybrid")), fresh, *rating_scale(ctx))
+    got = recs.join(want.select("userId", "movieId", "prediction"), ["userId", "movieId"], "left")
+    assert got.count() == recs.count()
+    assert got.where("prediction IS NULL OR abs(prediction - predicted_rating) > 1e-6").isEmpty()
+    fresh.unpersist()

@@ -436,6 +436,13 @@ def test_the_fold_plan_gives_each_fold_its_rows_and_the_test_rows_a_whole_train_
     _, info = features.plan_passes(train, test, None, h.model_copy(update={"test_features": "fold"}), 7, 6,
                                    whole_fit=True)
     assert info["test_features"] == "full"
+    # A serve run with the learned ranker (no test rows, no candidates): the out-of-fold passes only.
+    passes, info = features.plan_passes(train, test.limit(0), None, h, 7, 6, test_rows=False)
+    assert info["test_features"] == "none" and [p.fold_out for p in passes] == [0, 1]
+    assert [split for p in passes for split, _, _ in p.labels] == ["train", "train"]
+    cands = test.select("userId", "movieId")
+    passes, info = features.plan_passes(train, test.limit(0), cands, h, 7, 6, whole_fit=True, test_rows=False)
+    assert [p.fold_out for p in passes] == [0, 1, None] and [s for s, _, _ in passes[2].labels] == ["candidate"]
 
 
 # ----------------------------------------------------------------------------- ranker
