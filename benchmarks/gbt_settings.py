@@ -2,11 +2,17 @@
 out-of-fold features, scored on the hybrid's validation rows only (never on a test part).
 
     python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6,75x4@0.2]
+                                      [--rows 250000,500000,0] [--config conf/scale.yaml]
 
 WH is a warehouse an evaluate or serve run wrote `features` into. Each grid point (trees x
 depth, @ the step size when given, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
 the out-of-fold rows less the validation share, and scored on that share; it prints validation
 RMSE / MAE and seconds per point, and the point with the lowest validation RMSE.
+
+`--rows`: each point is also fitted with `hybrid.max_train_rows` at these values (0: every row;
+the hash sample the hybrid stage would train on, scored on the same validation rows): how many
+out-of-fold rows the GBT needs, a learning curve. The features stage computes features only for
+the rows the cap keeps (features.oof_plan), so a lower cap also saves feature passes.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ def main() -> int:
     ap.add_argument("--warehouse", required=True)
     ap.add_argument("--run", help="run id (default: the latest succeeded run)")
     ap.add_argument("--grid", default="80x5,150x5,80x6,150x6", help="trees x depth[@step] points")
+    ap.add_argument("--rows", help="comma-separated hybrid.max_train_rows values (0: all rows); default: the config's")
+    ap.add_argument("--config", help="config file (default: the packaged local.yaml)")
     args = ap.parse_args()
-    cfg = load_config(None, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
+    cfg = load_config(args.config, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-gbt-settings")
     try:
         wh = cfg.paths.warehouse
@@ -44,20 +52,25 @@ def main() -> int:
                 .cache())
         got = []
         print(f"run {run}: validation = {h.validation_fraction:.0%} of the out-of-fold train rows")
-        print("| trees | depth | step | validation RMSE | validation MAE | seconds |\n|---|---|---|---|---|---|")
+        caps = [int(v) or None for v in args.rows.split(",")] if args.rows else [h.max_train_rows]
+        print(f"{rows.count()} out-of-fold rows, {rows.where('is_val').count()} of them validation")
+        print("| trees | depth | step | max_train_rows | validation RMSE | validation MAE | seconds |\n"
+              "|---|---|---|---|---|---|---|")
         for point in args.grid.split(","):
             size, _, step = point.partition("@")
             trees, depth = (int(v) for v in size.split("x"))
             step = float(step) if step else h.step_size
-            t0 = time.perf_counter()
-            model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth,
-                                                                "step_size": step}), seed)
-            val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
-            got.append((val["rmse"], trees, depth, step))
-            print(f"| {trees} | {depth} | {step:g} | {val['rmse']:.4f} | {val['mae']:.4f} | "
-                  f"{time.perf_counter() - t0:.0f} |", flush=True)
-        best = min(got)
-        print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]}, step {best[3]:g} ({best[0]:.4f})")
+            for cap in caps:
+                t0 = time.perf_counter()
+                model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth,
+                                                                    "step_size": step, "max_train_rows": cap}), seed)
+                val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
+                got.append((val["rmse"], trees, depth, step, cap))
+                print(f"| {trees} | {depth} | {step:g} | {cap or 'all'} | {val['rmse']:.4f} | {val['mae']:.4f} | "
+                      f"{time.perf_counter() - t0:.0f} |", flush=True)
+        best = min(got, key=lambda g: g[0])
+        print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]}, step {best[3]:g}, max_train_rows "
+              f"{best[4] or 'all'} ({best[0]:.4f})")
     finally:
         spark.stop()
     return 0
