@@ -210,8 +210,9 @@ def content_stage(ctx: RunContext) -> dict:
 
 
 def features_stage(ctx: RunContext) -> dict:
-    """Hybrid features: train rows out-of-fold, test rows (and a serve run's candidates) from the
-    whole train part."""
+    """Hybrid features: train rows out-of-fold, test rows (and, with the hybrid ranker, the
+    candidates) from the whole train part; a serve run with the learned ranker keeps the whole
+    train part's neighbour lists for the pairs its recommend stage serves."""
     from .features import compute_passes, labelled_rows, plan_passes, with_folds
 
     cfg, spark = ctx.cfg, ctx.spark
