@@ -426,9 +426,11 @@ class PipelineConfig(Section):
     # `movierec evaluate` and --train/--test set evaluate.
     mode: Literal["serve", "evaluate"] = "serve"
     # Stages run in a background thread beside others (pipeline.OVERLAP: content beside
-    # baselines to als_implicit, hybrid beside recommend): chains of small Spark jobs that
-    # leave the cores idle between jobs fill each other's gaps; [] runs every stage in turn.
-    overlap: list[Literal["content", "hybrid"]] = Field(default_factory=lambda: ["content", "hybrid"])
+    # baselines to als_implicit, als_implicit beside baselines and als, recommend beside
+    # features and hybrid, else hybrid beside recommend): chains of small Spark jobs that leave
+    # the cores idle between jobs fill each other's gaps; [] runs every stage in turn.
+    overlap: list[Literal["content", "als_implicit", "recommend", "hybrid"]] = Field(
+        default_factory=lambda: ["content", "als_implicit", "recommend", "hybrid"])
 
 
 class Config(Section):

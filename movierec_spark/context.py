@@ -69,12 +69,14 @@ class RunContext:
         """Run the rest of the run with the tuned settings (a stage's, or restored on resume)."""
         if not tuned:
             return
-        # Several stages tune (baselines: the rating models; als_implicit): the run keeps all.
-        settings = {**(self.tuned or {}).get("settings", {}), **tuned.get("settings", {})}
-        self.tuned = {**(self.tuned or {}), **tuned, "settings": settings}
-        for section, values in tuned.get("settings", {}).items():
-            updated = getattr(self.cfg, section).model_copy(update=values)
-            self.cfg = self.cfg.model_copy(update={section: updated})
+        # Several stages tune (baselines: the rating models; als_implicit; recommend: the
+        # ranker), some side by side (pipeline.overlap): the run keeps all, one update at a time.
+        with self._memo_lock:
+            settings = {**(self.tuned or {}).get("settings", {}), **tuned.get("settings", {})}
+            self.tuned = {**(self.tuned or {}), **tuned, "settings": settings}
+            for section, values in tuned.get("settings", {}).items():
+                updated = getattr(self.cfg, section).model_copy(update=values)
+                self.cfg = self.cfg.model_copy(update={section: updated})
 
     @property
     def serving(self) -> bool:

@@ -129,13 +129,18 @@ def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
 
 # Stages that may run in a background thread (pipeline.overlap): name -> (the stage at whose
 # turn it starts, the stages it may run beside). Each is a chain of small Spark jobs, as are the
-# stages beside it, and such chains leave the two cores idle between their jobs: on
-# ml-latest-small content (about 25 s) runs beside the rating models' and implicit ALS's tuning,
-# and the hybrid's 150-tree GBT (about 40 s) beside the ranker's search and training. Their
-# inputs are written before the start stage runs; what runs beside them reads nothing they
-# write, except through ctx.wait_for: content's evaluate-run predictions wait for baselines (the
-# tuned bias model), recommend waits for hybrid before it rates the served pairs.
+# stages beside it, and such chains leave the two cores idle between their jobs (on
+# ml-latest-small a serve run's tasks kept the cores busy about a third of its wall time): content
+# and implicit ALS's tuning run beside the rating models' tuning, and the ranker's search and
+# training beside the features passes and the hybrid's 150-tree GBT. Their inputs are written
+# before the start stage runs; what runs beside them reads nothing they write, except through
+# ctx.wait_for: content's evaluate-run predictions wait for baselines (the tuned bias model),
+# recommend for the features stage before it featurises the served pairs and for the hybrid
+# model before it rates them. "hybrid" (the GBT beside recommend) is the narrower form of
+# "recommend", for runs whose recommend stage cannot start at the features stage's turn.
 OVERLAP = {"content": ("baselines", ("baselines", "als", "als_implicit")),
+           "als_implicit": ("baselines", ("baselines", "als")),
+           "recommend": ("features", ("features", "hybrid")),
            "hybrid": ("recommend", ("recommend",))}
 
 
@@ -163,6 +168,8 @@ def _overlap_plan(names: list[str], done: dict, cfg: Config) -> dict[str, str]:
         i, s = names.index(b), names.index(start)
         if all(n in beside for n in names[min(i, s):max(i, s) + 1] if n != b):
             plan[b] = start
+    if "recommend" in plan:  # the hybrid then runs on the main thread, beside recommend anyway
+        plan.pop("hybrid", None)
     return plan
 
 

@@ -423,6 +423,7 @@ def _hybrid_scores(ctx: RunContext):
 
     from .hybrid import predict_hybrid
 
+    ctx.wait_for("features")  # this stage may have started beside it (pipeline.overlap)
     feats = run_table(ctx, "features")
     feats = feats.where(F.col("split") == "candidate") if feats is not None else None
     if feats is None or feats.isEmpty():
@@ -524,6 +525,8 @@ def _predicted_ratings(ctx: RunContext, pairs):
     from .fs import exists
     from .hybrid import predict_hybrid
 
+    # This stage may have started beside the features and hybrid stages (pipeline.overlap).
+    ctx.wait_for("features")
     feats, own = run_table(ctx, "features"), None
     if feats is not None and ctx.cfg.hybrid.ranker != "hybrid":
         # The learned ranker chose the pairs: their features from the whole train part, here.

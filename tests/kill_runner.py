@@ -34,25 +34,32 @@ def install(stage: str, marker: str) -> None:
     importlib.import_module("movierec_spark.stages")  # registers the stages
 
     current = {"stage": None}
+    background: set[str] = set()  # stages running off the main thread (pipeline.overlap)
 
     def kill(how: str, table: str) -> None:
-        Path(marker).write_text(f"{current['stage']} {table} {how}\n")
+        Path(marker).write_text(f"{stage} {table} {how}\n")
         # The whole process group: this Python driver and its JVM, which would otherwise notice
         # the driver gone and shut down through its hooks (a gentler death than a crash).
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     for name, fn in list(pipeline.STAGES.items()):
         def wrapped(ctx, _fn=fn, _name=name):
-            # The run's main thread's stage: a stage running in the background beside it
-            # (pipeline.overlap) is killed in the window of the stage it runs beside.
+            # The run's main thread's stage, and the stages running in the background beside it
+            # (pipeline.overlap): the kill comes at the first write while the chosen stage runs,
+            # whichever stage's write that is (the stage's own writes may come from its threads).
             if threading.current_thread() is threading.main_thread():
                 current["stage"] = _name
-            return _fn(ctx)
+                return _fn(ctx)
+            background.add(_name)
+            try:
+                return _fn(ctx)
+            finally:
+                background.discard(_name)
         pipeline.STAGES[name] = wrapped
 
     def hook(real):
         def write(spark, df, warehouse, name, *args, **kwargs):
-            if current["stage"] != stage:
+            if current["stage"] != stage and stage not in background:
                 return real(spark, df, warehouse, name, *args, **kwargs)
             path = Path(tables.table_path(warehouse, name))
             before = _files(path)

@@ -107,10 +107,23 @@ def _overlap_stages(monkeypatch, log: list, fail: str | None = None):
     stage("hybrid", hybrid)
 
     def recommend(ctx):
-        running = "hybrid" not in ctx.results
+        recommend_started.set()
+        before = {s: s in ctx.ended and s not in ctx.results for s in ("features", "hybrid")}
+        ctx.wait_for("features")
         ctx.wait_for("hybrid")
-        return {"hybrid_ran_beside": running, "hybrid_then": ctx.results["hybrid"]["slept"]}
+        return {"hybrid_ran_beside": before["hybrid"], "features_ran_beside": before["features"],
+                "hybrid_then": ctx.results["hybrid"]["slept"], "features_then": "features" in ctx.results}
     stage("recommend", recommend)
+
+    # The stages the wider overlap adds: als_implicit beside baselines and als, recommend beside
+    # features (which returns only once recommend runs beside it) and hybrid.
+    implicit_started, recommend_started = threading.Event(), threading.Event()
+
+    def als_implicit(ctx):
+        implicit_started.set()
+        return {"baselines_then": "baselines" in ctx.results}
+    stage("als_implicit", als_implicit)
+    stage("features", lambda ctx: {"recommend_beside": recommend_started.wait(30)})
 
 
 def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp_path, monkeypatch):
@@ -122,7 +135,8 @@ def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp
     ctx = run_pipeline(spark, cfg, None, stages=names)
     assert ctx.results["baselines"]["beside"] is True
     assert ctx.results["content"]["saw_baselines"] == "baselines"
-    assert ctx.results["recommend"] == {"name": "recommend", "hybrid_ran_beside": True, "hybrid_then": True}
+    assert ctx.results["recommend"] == {"name": "recommend", "hybrid_ran_beside": True, "hybrid_then": True,
+                                        "features_ran_beside": False, "features_then": False}
     # content and hybrid ran off the main thread, the others on it.
     assert {e[0]: e[2] for e in log if e[1] == "start"} == {
         "baselines": True, "als": True, "content": False, "hybrid": False, "recommend": True}
@@ -136,6 +150,30 @@ def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp
     ctx = run_pipeline(spark, seq, None, stages=["als", "content", "hybrid", "recommend"])
     assert all(e[2] for e in log if e[1] == "start")
     assert ctx.results["recommend"]["hybrid_ran_beside"] is False
+
+
+def test_the_default_overlap_runs_implicit_als_and_recommend_in_the_background(spark, tmp_path, monkeypatch):
+    log: list = []
+    _overlap_stages(monkeypatch, log)
+    cfg = make_config(tmp_path / "wh", pipeline__mode="evaluate")
+    names = ["baselines", "als", "als_implicit", "content", "features", "hybrid", "recommend"]
+    ctx = run_pipeline(spark, cfg, None, stages=names)
+    # baselines returned once content ran beside it; features once recommend did.
+    assert ctx.results["baselines"]["beside"] is True
+    assert ctx.results["features"]["recommend_beside"] is True
+    # recommend started before features and hybrid finished, and waited for both.
+    assert ctx.results["recommend"] == {"name": "recommend", "hybrid_ran_beside": True, "features_ran_beside": True,
+                                        "hybrid_then": True, "features_then": True}
+    # The hybrid ran on the main thread, beside recommend; als_implicit, content and recommend off it.
+    assert {e[0]: e[2] for e in log if e[1] == "start"} == {
+        "baselines": True, "als": True, "als_implicit": False, "content": False, "features": True,
+        "hybrid": True, "recommend": False}
+    # A stage is over before the first stage it may not run beside starts.
+    order = [e[:2] for e in log]
+    assert order.index(("als_implicit", "end")) < order.index(("features", "start"))
+    assert order.index(("content", "end")) < order.index(("features", "start"))
+    rows = tables.read_table(spark, cfg.paths.warehouse, "run_stages").where(f"run_id = '{ctx.run_id}'").collect()
+    assert {r.stage for r in rows} == set(names)
 
 
 def test_a_failed_stage_stops_the_background_one_and_fails_the_run(spark, tmp_path, monkeypatch):
