@@ -171,6 +171,98 @@ DIRECT_MAX_PAIRS = 2_000_000
 FIRST_PASS_EXTRA = 40
 
 
+# How recommend_unseen lists: "numpy" (top_unseen_numpy: every user against every movie per
+# partition, rated movies masked; at 25M ratings, top 20 of 162,540 users in 70.1 s) or "mllib"
+# (recommendForAllUsers, then recommendForUserSubset passes for the heavy raters: 433.7 s there,
+# a top-k aggregation with k up to thousands that spilled gigabytes; benchmarks/topn_pass.py,
+# results/topn-pass-25M.md). Both exact: the lists agreed on 99.998% of (user, rank) slots, the
+# rest float32 ties.
+LISTING = "numpy"
+
+# Users scored at once inside top_unseen_numpy: a users x catalog float32 block (at 60,000
+# movies, 256 users are 61 MB) bounds each Python worker's memory whatever the batch size.
+NUMPY_USER_CHUNK = 256
+
+
+def top_unseen_numpy(model: ALSModel, users: DataFrame, seen: DataFrame, n: int) -> DataFrame:
+    """userId, movieId, s: each of `users`' n best movies by u.v among those they have not rated
+    (`seen`: userId, movieId), exact, through numpy per partition (mapInArrow: no per-row Python).
+
+    Every partition needs the whole item factor table: it is sent as rows, not collected to the
+    driver. Each of P partitions (two per core, at most the shuffle partitions) gets one copy of
+    the item rows (kind 0, P x catalog rows) ahead of its users' rows (kind 1: factors and the
+    list of rated movies), by a sort within partitions; the Python side keeps the items it reads
+    first and scores the users after them, NUMPY_USER_CHUNK at a time (float32, as MLlib's
+    blocked scoring; rated movies set to -inf and never returned).
+    """
+    spark = users.sparkSession
+    # Two partitions per core (each holds a copy of the item rows), at most the shuffle partitions.
+    sc = spark.sparkContext
+    parts = max(1, min(int(spark.conf.get("spark.sql.shuffle.partitions")), 2 * sc.defaultParallelism))
+    pid = F.pmod(F.xxhash64("userId"), F.lit(parts)).cast("int")
+    rated = seen.join(users, "userId", "left_semi").groupBy("userId").agg(F.collect_list("movieId").alias("seen"))
+    user_rows = (model.userFactors.withColumnRenamed("id", "userId").join(users, "userId", "left_semi")
+                 .join(rated, "userId", "left")
+                 .select(pid.alias("pid"), F.lit(1).alias("kind"), F.col("userId").alias("id"), "features",
+                         F.coalesce("seen", F.array().cast("array<int>")).alias("seen")))
+    item_rows = (model.itemFactors.crossJoin(spark.range(parts).select(F.col("id").cast("int").alias("pid")))
+                 .select("pid", F.lit(0).alias("kind"), "id", "features",
+                         F.lit(None).cast("array<int>").alias("seen")))
+    rows = item_rows.unionByName(user_rows).repartition(parts, "pid").sortWithinPartitions("kind")
+    rank, chunk = model.rank, NUMPY_USER_CHUNK
+
+    def score(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        ids, vecs = [], []
+        item_ids = v = None
+        for b in batches:
+            kind = b.column("kind").to_numpy()
+            if v is None:
+                items = kind == 0
+                if items.any():
+                    ids.append(b.column("id").to_numpy()[items])
+                    flat = b.column("features").filter(pa.array(items)).flatten().to_numpy(zero_copy_only=False)
+                    vecs.append(flat.astype(np.float32).reshape(-1, rank))
+                if items.all():
+                    continue
+                item_ids = np.concatenate(ids) if ids else np.empty(0, np.int32)
+                v = np.concatenate(vecs) if vecs else np.empty((0, rank), np.float32)
+                # Sorted, once each: hash partitioning may bring two partitions' copies together.
+                item_ids, first = np.unique(item_ids, return_index=True)
+                v = np.ascontiguousarray(v[first].T)  # rank x items
+                b = b.filter(pa.array(~items))
+            if len(item_ids) == 0 or b.num_rows == 0:
+                continue
+            uid = b.column("id").to_numpy()
+            u = b.column("features").flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, rank)
+            # Absolute offsets into the child values (a batch may be a slice of a larger array).
+            seen_col = b.column("seen")
+            offsets = seen_col.offsets.to_numpy()
+            seen_ids = seen_col.values.to_numpy(zero_copy_only=False)
+            k = min(n, len(item_ids))
+            for lo in range(0, len(uid), chunk):
+                hi = min(lo + chunk, len(uid))
+                s = u[lo:hi] @ v  # users x items, float32
+                a, z = offsets[lo], offsets[hi]
+                if z > a:
+                    rated_ids = seen_ids[a:z]
+                    cols = np.minimum(np.searchsorted(item_ids, rated_ids), len(item_ids) - 1)
+                    who = np.repeat(np.arange(hi - lo), np.diff(offsets[lo:hi + 1]))
+                    hit = item_ids[cols] == rated_ids  # rated movies the model has factors for
+                    s[who[hit], cols[hit]] = -np.inf
+                top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(k), (hi - lo, 1))
+                best = np.take_along_axis(s, top, axis=1)
+                keep = np.isfinite(best).ravel()
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(np.repeat(uid[lo:hi], k)[keep], pa.int32()),
+                     pa.array(item_ids[top].ravel()[keep], pa.int32()),
+                     pa.array(best.ravel()[keep], pa.float32())], names=["userId", "movieId", "s"])
+
+    return rows.mapInArrow(score, "userId int, movieId int, s float")
+
+
 def _candidates(recs: DataFrame) -> DataFrame:
     return recs.select("userId", F.explode("recommendations").alias("rec")).select(
         "userId", F.col("rec.movieId").alias("movieId"), F.col("rec.rating").alias("s"))
@@ -191,8 +283,10 @@ def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIR
     """Top-n movies per train user by the model's score, excluding movies rated in train. Exact.
 
     `users` (a userId column) limits the lists to those users: the same lists as for everyone,
-    at the cost of those users only (recommendForUserSubset).
+    at the cost of those users only.
 
+    With LISTING "numpy" (the default) every user is scored against the whole catalog in numpy
+    (top_unseen_numpy), the rated movies masked before the top n is taken. With "mllib":
     recommendForAllUsers(n) would return seen movies, and asking everyone for n + max(seen)
     costs users x max(seen). So: one pass asks everyone for n + extra; a user is done when at
     least n of those are unseen (nothing unseen can rank above the candidates it was given) or
@@ -205,6 +299,11 @@ def recommend_unseen(model: ALSModel, train: DataFrame, n: int, extra: int = FIR
     if users is not None:
         users = users.select("userId").distinct()
         seen = seen.join(users, "userId", "left_semi")
+    if LISTING == "numpy":
+        listed = seen.select("userId").distinct() if users is None else users
+        out = top_n_per_user(top_unseen_numpy(model, listed, seen, n), n, score=F.col("s").cast("double")).cache()
+        out.count()
+        return out
     counts = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
     k1 = n + extra
     asked = model.recommendForAllUsers(k1) if users is None else model.recommendForUserSubset(users, k1)

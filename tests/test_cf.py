@@ -189,10 +189,12 @@ def test_predefined_split_files(spark, tmp_path):
     assert [(r.userId, r.movieId, r.rating, r.rated_at) for r in t] == [(2, 1, 2.5, None)]
 
 
-@pytest.mark.parametrize("extra,direct_max", [(40, 2_000_000), (0, 2_000_000), (0, 0)])
-def test_recommend_unseen_is_exact(spark, monkeypatch, extra, direct_max):
-    """Against brute force (every user x movie score, seen removed, top 5): the first pass only,
-    a second pass by direct scoring, and a second pass by buckets give the same lists."""
+@pytest.mark.parametrize("listing,extra,direct_max", [("numpy", 0, 0), ("mllib", 40, 2_000_000),
+                                                      ("mllib", 0, 2_000_000), ("mllib", 0, 0)])
+def test_recommend_unseen_is_exact(spark, monkeypatch, listing, extra, direct_max):
+    """Against brute force (every user x movie score, seen removed, top 5): numpy per partition,
+    and MLlib's first pass only, with a second pass by direct scoring, or by buckets give the
+    same lists."""
     from pyspark.ml.recommendation import ALS
 
     from movierec_spark import als as A
@@ -201,6 +203,8 @@ def test_recommend_unseen_is_exact(spark, monkeypatch, extra, direct_max):
     model = ALS(rank=4, maxIter=4, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
                 seed=1).fit(train)
     monkeypatch.setattr(A, "DIRECT_MAX_PAIRS", direct_max)
+    monkeypatch.setattr(A, "LISTING", listing)
+    monkeypatch.setattr(A, "NUMPY_USER_CHUNK", 7)  # several chunks per batch
     got = {(r.userId, r.rank): r.movieId for r in A.recommend_unseen(model, train, 5, extra=extra).collect()}
     uf = {r.id: r.features for r in model.userFactors.collect()}
     itf = {r.id: r.features for r in model.itemFactors.collect()}
@@ -216,12 +220,55 @@ def test_recommend_unseen_is_exact(spark, monkeypatch, extra, direct_max):
     train.unpersist()
 
 
-def test_recommend_unseen_for_a_user_subset_equals_the_full_lists(spark):
+def test_the_numpy_pass_masks_what_each_user_rated_and_scores_like_mllib(spark, monkeypatch):
+    """top_unseen_numpy against brute force from the factors: a user who rated all but two
+    movies gets those two, a user with no rated movies gets the overall best, a user with
+    factors but outside `users` gets nothing; scores equal u.v in float32."""
+    import numpy as np
+    from pyspark.ml.recommendation import ALS
+
+    from movierec_spark import als as A
+
+    train = synthetic(spark, users=30, movies=60, seed=13).select("userId", "movieId", "rating").cache()
+    model = ALS(rank=3, maxIter=3, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
+                seed=1).fit(train)
+    uf = {r.id: np.array(r.features, np.float32) for r in model.userFactors.collect()}
+    itf = {r.id: np.array(r.features, np.float32) for r in model.itemFactors.collect()}
+    heavy, empty, left_out = sorted(uf)[:3]
+    movies = sorted(itf)
+    seen = spark.createDataFrame(
+        [(heavy, m) for m in movies[2:]] + [(r.userId, r.movieId) for r in train.collect()
+                                             if r.userId not in (heavy, empty, left_out)],
+        "userId int, movieId int")
+    users = spark.createDataFrame([(u,) for u in sorted(uf) if u != left_out], "userId int")
+    monkeypatch.setattr(A, "NUMPY_USER_CHUNK", 4)
+    got = {}
+    for r in A.top_unseen_numpy(model, users, seen, 5).collect():
+        got.setdefault(r.userId, {})[r.movieId] = r.s
+    rated = {}
+    for r in seen.collect():
+        rated.setdefault(r.userId, set()).add(r.movieId)
+    assert set(got) == set(uf) - {left_out}
+    assert set(got[heavy]) == set(movies[:2])
+    for u, fu in uf.items():
+        if u == left_out:
+            continue
+        scores = {m: float(fu @ v) for m, v in itf.items() if m not in rated.get(u, set())}
+        want = sorted(scores, key=lambda m: -scores[m])[:5]
+        assert set(got[u]) == set(want), u
+        assert all(abs(got[u][m] - scores[m]) < 1e-5 for m in want)
+    train.unpersist()
+
+
+@pytest.mark.parametrize("listing", ["numpy", "mllib"])
+def test_recommend_unseen_for_a_user_subset_equals_the_full_lists(spark, monkeypatch, listing):
     """The ranker lists candidates for a sample of users only: those users' lists must be the
     ones everyone's run gives them, and nobody else may get one."""
     from pyspark.ml.recommendation import ALS
 
     from movierec_spark import als as A
+
+    monkeypatch.setattr(A, "LISTING", listing)
 
     train = synthetic(spark, users=40, movies=120, seed=12).select("userId", "movieId", "rating").cache()
     model = ALS(rank=4, maxIter=4, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
