@@ -129,10 +129,12 @@ def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
 
 # Stages that may run in a background thread (pipeline.overlap): name -> (the stage at whose
 # turn it starts, the stages it may run beside). Each is a chain of small Spark jobs, as are the
-# stages beside it, and such chains leave the two cores idle between their jobs (on
-# ml-latest-small a serve run's tasks kept the cores busy about a third of its wall time): content
-# and implicit ALS's tuning run beside the rating models' tuning, and the ranker's search and
-# training beside the features passes and the hybrid's 150-tree GBT. Their inputs are written
+# stages beside it, and such chains leave the two cores idle between their jobs: content runs
+# beside the rating models' tuning, the hybrid's 150-tree GBT beside the ranker's search. On
+# request (config.PipelineConfig.overlap) also implicit ALS's tuning beside the rating models',
+# and the ranker beside the features passes and the GBT: on ml-latest-small a serve run's tasks
+# used about a third of the cores' time, yet with those two it took 458 s against 401 s, the
+# stages side by side two to three times as long as alone. Their inputs are written
 # before the start stage runs; what runs beside them reads nothing they write, except through
 # ctx.wait_for: content's evaluate-run predictions wait for baselines (the tuned bias model),
 # recommend for the features stage before it featurises the served pairs and for the hybrid

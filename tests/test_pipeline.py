@@ -152,10 +152,11 @@ def test_overlapped_stages_run_beside_others_and_are_recorded_in_turn(spark, tmp
     assert ctx.results["recommend"]["hybrid_ran_beside"] is False
 
 
-def test_the_default_overlap_runs_implicit_als_and_recommend_in_the_background(spark, tmp_path, monkeypatch):
+def test_the_wider_overlap_runs_implicit_als_and_recommend_in_the_background(spark, tmp_path, monkeypatch):
     log: list = []
     _overlap_stages(monkeypatch, log)
-    cfg = make_config(tmp_path / "wh", pipeline__mode="evaluate")
+    cfg = make_config(tmp_path / "wh", pipeline__mode="evaluate",
+                      pipeline__overlap=["content", "als_implicit", "recommend", "hybrid"])
     names = ["baselines", "als", "als_implicit", "content", "features", "hybrid", "recommend"]
     ctx = run_pipeline(spark, cfg, None, stages=names)
     # baselines returned once content ran beside it; features once recommend did.
