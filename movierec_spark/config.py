@@ -429,9 +429,10 @@ class PipelineConfig(Section):
     # baselines to als_implicit, hybrid beside recommend; on request also als_implicit beside
     # baselines and als, recommend beside features and hybrid): chains of small Spark jobs that
     # leave the cores idle between jobs fill each other's gaps; [] runs every stage in turn.
-    # The wider four measured slower on this 2-core machine (an ml-latest-small serve run
-    # 458 s against 401 s: side by side, implicit ALS's tuning trials and the features passes
-    # took two to three times as long), so the default keeps two.
+    # The wider four bought nothing measurable on this 2-core machine (ml-latest-small serve
+    # runs twenty minutes apart: 458.8 s with them, 466.4 s without, while the plain ALS example
+    # took 27.5 and 35.0 s; side by side, implicit ALS's tuning trials and the features passes
+    # took two to three times as long as alone), so the default keeps two.
     overlap: list[Literal["content", "als_implicit", "recommend", "hybrid"]] = Field(
         default_factory=lambda: ["content", "hybrid"])
 
