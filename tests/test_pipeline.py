@@ -117,12 +117,9 @@ def _overlap_stages(monkeypatch, log: list, fail: str | None = None):
 
     # The stages the wider overlap adds: als_implicit beside baselines and als, recommend beside
     # features (which returns only once recommend runs beside it) and hybrid.
-    implicit_started, recommend_started = threading.Event(), threading.Event()
+    recommend_started = threading.Event()
 
-    def als_implicit(ctx):
-        implicit_started.set()
-        return {"baselines_then": "baselines" in ctx.results}
-    stage("als_implicit", als_implicit)
+    stage("als_implicit")
     stage("features", lambda ctx: {"recommend_beside": recommend_started.wait(30)})
 
 
