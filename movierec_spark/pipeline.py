@@ -137,9 +137,10 @@ def _check_kind(spark: SparkSession, cfg: Config, run_id: str) -> None:
 # without (the same hour; within its noise), the stages side by side two to three times as long
 # as alone. Their inputs are written before the start stage runs; what runs beside them reads
 # nothing they write, except through ctx.wait_for: content's evaluate-run predictions wait for
-# baselines (the tuned bias model), recommend for the features stage before it featurises the served pairs and for the hybrid
-# model before it rates them. "hybrid" (the GBT beside recommend) is the narrower form of
-# "recommend", for runs whose recommend stage cannot start at the features stage's turn.
+# baselines (the tuned bias model), recommend for the features stage before it featurises the
+# served pairs and for the hybrid model before it rates them. "hybrid" (the GBT beside recommend)
+# is the narrower form of "recommend", for runs whose recommend stage cannot start at the
+# features stage's turn.
 OVERLAP = {"content": ("baselines", ("baselines", "als", "als_implicit")),
            "als_implicit": ("baselines", ("baselines", "als")),
            "recommend": ("features", ("features", "hybrid")),
