@@ -188,27 +188,20 @@ def top_unseen_numpy(model: ALSModel, users: DataFrame, seen: DataFrame, n: int)
     """userId, movieId, s: each of `users`' n best movies by u.v among those they have not rated
     (`seen`: userId, movieId), exact, through numpy per partition (mapInArrow: no per-row Python).
 
-    Every partition needs the whole item factor table: it is sent as rows, not collected to the
-    driver. Each of P partitions (two per core, at most the shuffle partitions) gets one copy of
-    the item rows (kind 0, P x catalog rows) ahead of its users' rows (kind 1: factors and the
-    list of rated movies), by a sort within partitions; the Python side keeps the items it reads
-    first and scores the users after them, NUMPY_USER_CHUNK at a time (float32, as MLlib's
-    blocked scoring; rated movies set to -inf and never returned).
+    Every partition gets a copy of the item factors ahead of its users' rows (factors and the
+    list of rated movies; partitioned.py); the users are scored NUMPY_USER_CHUNK at a time
+    (float32, as MLlib's blocked scoring; rated movies set to -inf and never returned).
     """
-    spark = users.sparkSession
-    # Two partitions per core (each holds a copy of the item rows), at most the shuffle partitions.
-    sc = spark.sparkContext
-    parts = max(1, min(int(spark.conf.get("spark.sql.shuffle.partitions")), 2 * sc.defaultParallelism))
-    pid = F.pmod(F.xxhash64("userId"), F.lit(parts)).cast("int")
+    from .partitioned import movies_then_users, numpy_partitions, split_movie_rows, user_partition
+
+    parts = numpy_partitions(users.sparkSession)
     rated = seen.join(users, "userId", "left_semi").groupBy("userId").agg(F.collect_list("movieId").alias("seen"))
     user_rows = (model.userFactors.withColumnRenamed("id", "userId").join(users, "userId", "left_semi")
                  .join(rated, "userId", "left")
-                 .select(pid.alias("pid"), F.lit(1).alias("kind"), F.col("userId").alias("id"), "features",
+                 .select(user_partition(parts).alias("pid"), F.col("userId").alias("id"), "features",
                          F.coalesce("seen", F.array().cast("array<int>")).alias("seen")))
-    item_rows = (model.itemFactors.crossJoin(spark.range(parts).select(F.col("id").cast("int").alias("pid")))
-                 .select("pid", F.lit(0).alias("kind"), "id", "features",
-                         F.lit(None).cast("array<int>").alias("seen")))
-    rows = item_rows.unionByName(user_rows).repartition(parts, "pid").sortWithinPartitions("kind")
+    item_rows = model.itemFactors.select("id", "features", F.lit(None).cast("array<int>").alias("seen"))
+    rows = movies_then_users(item_rows, user_rows, parts)
     rank, chunk = model.rank, NUMPY_USER_CHUNK
 
     def score(batches):
@@ -216,23 +209,19 @@ def top_unseen_numpy(model: ALSModel, users: DataFrame, seen: DataFrame, n: int)
         import pyarrow as pa
 
         ids, vecs = [], []
+
+        def take(b):
+            ids.append(b.column("id").to_numpy())
+            vecs.append(b.column("features").flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, rank))
+
         item_ids = v = None
-        for b in batches:
-            kind = b.column("kind").to_numpy()
+        for b in split_movie_rows(batches, take):
             if v is None:
-                items = kind == 0
-                if items.any():
-                    ids.append(b.column("id").to_numpy()[items])
-                    flat = b.column("features").filter(pa.array(items)).flatten().to_numpy(zero_copy_only=False)
-                    vecs.append(flat.astype(np.float32).reshape(-1, rank))
-                if items.all():
-                    continue
                 item_ids = np.concatenate(ids) if ids else np.empty(0, np.int32)
                 v = np.concatenate(vecs) if vecs else np.empty((0, rank), np.float32)
                 # Sorted, once each: hash partitioning may bring two partitions' copies together.
                 item_ids, first = np.unique(item_ids, return_index=True)
                 v = np.ascontiguousarray(v[first].T)  # rank x items
-                b = b.filter(pa.array(~items))
             if len(item_ids) == 0 or b.num_rows == 0:
                 continue
             uid = b.column("id").to_numpy()

@@ -114,13 +114,104 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
         names += more
     if item_nb is not None:
         # Item-kNN: summed co-occurrence cosine of the candidate to the movies the user rated.
-        hist = train.select("userId", F.col("movieId").alias("nb"))
-        knn = (out.select("userId", "movieId").join(item_nb, "movieId").join(hist, ["userId", "nb"])
-               .groupBy("userId", "movieId").agg(F.sum("sim").alias("knn"), F.count(F.lit(1)).cast("double").alias("knn_n")))
+        knn = knn_scores(out.select("userId", "movieId"), train.select("userId", "movieId"), item_nb)
         out = (out.join(knn, ["userId", "movieId"], "left").fillna({"knn": 0.0, "knn_n": 0.0})
                .withColumn("knn_u", F.col("knn") / F.sqrt(F.greatest(F.col("u_n"), F.lit(1.0)))))
         names += ["knn", "knn_n", "knn_u"]
     return out, names
+
+
+# How the item-kNN features are computed: "numpy" (per partition, knn_scores) or "join" (the
+# Spark join it replaced, kept for benchmarks/knn_scores.py).
+KNN = "numpy"
+KNN_USER_CHUNK = 512
+
+
+def knn_scores(cands: DataFrame, hist: DataFrame, item_nb: DataFrame) -> DataFrame:
+    """userId, movieId, knn, knn_n: for each candidate (userId, movieId; distinct), the summed
+    `sim` of its neighbours (item_nb: movieId, nb, sim) that the user rated (hist: userId,
+    movieId), and how many; candidates with none are left out.
+
+    As a Spark join this is candidates x neighbours rows (at 25M ratings about 8M candidates x
+    50 neighbours, shuffled and joined to the ratings). Here each partition holds a copy of the
+    neighbour lists (partitioned.py) and its users' candidates and rated movies, and gathers
+    the flags of every candidate's neighbours from a dense rated-or-not matrix, KNN_USER_CHUNK
+    users at a time.
+    """
+    if KNN == "join":
+        rated = hist.select("userId", F.col("movieId").alias("nb"))
+        return (cands.join(item_nb, "movieId").join(rated, ["userId", "nb"]).groupBy("userId", "movieId")
+                .agg(F.sum("sim").alias("knn"), F.count(F.lit(1)).cast("double").alias("knn_n")))
+    from .partitioned import movies_then_users, numpy_partitions, split_movie_rows, user_partition
+
+    parts = numpy_partitions(cands.sparkSession)
+    wanted = cands.groupBy("userId").agg(F.collect_list("movieId").alias("a"))
+    seen = hist.join(wanted, "userId", "left_semi").groupBy("userId").agg(F.collect_list("movieId").alias("seen"))
+    user_rows = wanted.join(seen, "userId", "left").select(
+        user_partition(parts).alias("pid"), F.col("userId").alias("id"), "a",
+        F.lit(None).cast("array<double>").alias("s"), F.coalesce("seen", F.array().cast("array<int>")).alias("seen"))
+    lists = item_nb.groupBy("movieId").agg(F.collect_list(F.struct(F.col("nb").cast("int").alias("nb"),
+                                                                    F.col("sim").cast("double").alias("sim"))).alias("l"))
+    movie_rows = lists.select(F.col("movieId").alias("id"), F.col("l.nb").alias("a"), F.col("l.sim").alias("s"),
+                              F.lit(None).cast("array<int>").alias("seen"))
+    rows = movies_then_users(movie_rows, user_rows, parts)
+    chunk = KNN_USER_CHUNK
+
+    def score(batches):
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        got: list = []
+
+        def ragged(col):
+            """(values, row of each value) of a list column."""
+            counts = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+            return col.flatten().to_numpy(zero_copy_only=False), np.repeat(np.arange(len(counts)), counts), counts
+
+        space = None
+        for b in split_movie_rows(batches, got.append):
+            if space is None:
+                movies = pa.Table.from_batches(got, schema=b.schema) if got else None
+                ids = movies.column("id").to_numpy() if movies else np.empty(0, np.int32)
+                ids, first = np.unique(ids, return_index=True)  # a partition may hold two copies
+                nb, row, counts = (ragged(movies.column("a").combine_chunks().take(first)) if movies
+                                   else (np.empty(0, np.int32), np.empty(0, np.int64), np.zeros(0, np.int64)))
+                sim = (movies.column("s").combine_chunks().take(first).flatten().to_numpy(zero_copy_only=False)
+                       if movies else np.empty(0))
+                # Every movie named as a candidate's neighbour gets a column; column len(space)
+                # pads the shorter neighbour lists and is never set.
+                space = np.unique(nb)
+                width = int(counts.max()) if len(counts) else 0
+                slot = np.arange(len(nb)) - np.repeat(np.cumsum(counts) - counts, counts)
+                nb_col = np.full((len(ids), width), len(space), np.int64)
+                nb_sim = np.zeros((len(ids), width))
+                nb_col[row, slot] = np.searchsorted(space, nb)
+                nb_sim[row, slot] = sim
+            uid = b.column("id").to_numpy()
+            for lo in range(0, len(uid), chunk):
+                part = b.slice(lo, chunk)
+                want, who_c, counts_c = ragged(part.column("a"))
+                rated, who_r, _ = ragged(part.column("seen"))
+                flags = np.zeros((part.num_rows, len(space) + 1), bool)
+                at = np.minimum(np.searchsorted(space, rated), max(len(space) - 1, 0))
+                known = space[at] == rated if len(space) else np.zeros(len(rated), bool)
+                flags[who_r[known], at[known]] = True
+                mi = np.minimum(np.searchsorted(ids, want), max(len(ids) - 1, 0))
+                has = ids[mi] == want if len(ids) else np.zeros(len(want), bool)
+                if not has.any():
+                    continue
+                hit = flags[who_c[has][:, None], nb_col[mi[has]]]
+                n_hit = hit.sum(axis=1)
+                keep = n_hit > 0
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(np.repeat(uid[lo:lo + part.num_rows], counts_c)[has][keep], pa.int32()),
+                     pa.array(want[has][keep], pa.int32()),
+                     pa.array((nb_sim[mi[has]] * hit).sum(axis=1)[keep], pa.float64()),
+                     pa.array(n_hit[keep].astype(np.float64), pa.float64())],
+                    names=["userId", "movieId", "knn", "knn_n"])
+
+    return rows.mapInArrow(score, "userId int, movieId int, knn double, knn_n double")
 
 
 def item_neighbours(train: DataFrame, m: int, cap: int | None, seed: int) -> DataFrame:

@@ -88,3 +88,28 @@ def test_per_user_ndcg_averages_to_ranking_metrics_and_pairs_by_user(spark):
     better = recs.where("userId != 3").unionByName(spark.createDataFrame([(3, 30, 1)], "userId int, movieId int, rank int"))
     gain, se, users = paired_gain(user_ndcg(recs, test, 10), user_ndcg(better, test, 10))
     assert users == 3 and gain == pytest.approx(1 / 3) and se == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+
+
+def test_knn_scores_in_numpy_equal_the_spark_join(spark, monkeypatch):
+    """The per-partition kNN scoring against the join it replaced, on random lists: users with
+    no ratings, candidates without neighbour lists, neighbours nobody rated, ragged lists."""
+    import random
+
+    from chispa import assert_approx_df_equality
+
+    from movierec_spark import ranker
+
+    rnd = random.Random(7)
+    hist = spark.createDataFrame(sorted({(u, rnd.randrange(60)) for u in range(1, 400) for _ in range(rnd.randrange(12))}),
+                                 "userId int, movieId int")
+    nb = spark.createDataFrame([(m, n, rnd.random()) for m in range(50) for n in rnd.sample(range(80), rnd.randrange(9))
+                                if n != m], "movieId int, nb int, sim double")
+    cands = spark.createDataFrame(sorted({(u, rnd.randrange(70)) for u in range(1, 450) for _ in range(rnd.randrange(8))}),
+                                  "userId int, movieId int")
+    monkeypatch.setattr(ranker, "KNN_USER_CHUNK", 64)  # several chunks per partition
+    got = ranker.knn_scores(cands, hist, nb)
+    monkeypatch.setattr(ranker, "KNN", "join")
+    want = ranker.knn_scores(cands, hist, nb)
+    assert want.count() > 150  # the random set exercises the scoring
+    assert_approx_df_equality(got, want, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    assert ranker.knn_scores(cands.limit(0), hist, nb).isEmpty()

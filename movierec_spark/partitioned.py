@@ -1,0 +1,55 @@
+"""Per-partition numpy work over users, with a small per-movie table beside every partition.
+
+Scoring a user against many movies row by row in Spark costs a shuffle of users x movies rows;
+in numpy it is a matrix product or a gather. The movie table (item factors, neighbour lists)
+must then be in every partition. It is sent as rows, never collected to the driver: each of P
+partitions gets one copy (kind 0) ahead of its users' rows (kind 1), by a sort within
+partitions, and the Python side (mapInArrow, no per-row Python) keeps what it reads first.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+
+def numpy_partitions(spark: SparkSession) -> int:
+    """Two partitions per core (each holds a copy of the movie rows), at most the shuffle partitions."""
+    sc = spark.sparkContext
+    return max(1, min(int(spark.conf.get("spark.sql.shuffle.partitions")), 2 * sc.defaultParallelism))
+
+
+def user_partition(parts: int) -> Column:
+    return F.pmod(F.xxhash64("userId"), F.lit(parts)).cast("int")
+
+
+def movies_then_users(movie_rows: DataFrame, user_rows: DataFrame, parts: int) -> DataFrame:
+    """`movie_rows` copied to each of `parts` partitions (kind 0), then `user_rows` (which carry
+    their own `pid`, user_partition) in theirs (kind 1), movies first within a partition.
+
+    Hash partitioning on pid may put two pids' copies in one partition: the reader keeps the
+    movies once each (np.unique)."""
+    spark = movie_rows.sparkSession
+    copies = (movie_rows.crossJoin(spark.range(parts).select(F.col("id").cast("int").alias("pid")))
+              .withColumn("kind", F.lit(0)))
+    return (copies.unionByName(user_rows.withColumn("kind", F.lit(1)))
+            .repartition(parts, "pid").sortWithinPartitions("kind"))
+
+
+def split_movie_rows(batches, take):
+    """Read the movie rows (kind 0) that come first in a partition: call `take(batch)` on each
+    batch of them, then yield the batches of user rows that follow (kind 1 only)."""
+    import pyarrow as pa
+
+    done = False
+    for b in batches:
+        if done:
+            yield b
+            continue
+        movies = b.column("kind").to_numpy() == 0
+        if movies.any():
+            take(b.filter(pa.array(movies)))
+        if movies.all():
+            continue
+        done = True
+        yield b.filter(pa.array(~movies))
