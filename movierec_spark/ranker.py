@@ -130,7 +130,8 @@ KNN_USER_CHUNK = 512
 def knn_scores(cands: DataFrame, hist: DataFrame, item_nb: DataFrame) -> DataFrame:
     """userId, movieId, knn, knn_n: for each candidate (userId, movieId; distinct), the summed
     `sim` of its neighbours (item_nb: movieId, nb, sim) that the user rated (hist: userId,
-    movieId), and how many; candidates with none are left out.
+    movieId, one row per rating: ingest keeps one per pair), and how many; candidates with none
+    are left out.
 
     As a Spark join this is candidates x neighbours rows (at 25M ratings about 8M candidates x
     50 neighbours, shuffled and joined to the ratings). Here each partition holds a copy of the
@@ -165,7 +166,7 @@ def knn_scores(cands: DataFrame, hist: DataFrame, item_nb: DataFrame) -> DataFra
         got: list = []
 
         def ragged(col):
-            """(values, row of each value) of a list column."""
+            """(values, row of each value, length of each row) of a list column."""
             counts = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
             return col.flatten().to_numpy(zero_copy_only=False), np.repeat(np.arange(len(counts)), counts), counts
 
