@@ -48,6 +48,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from .config import AlsConfig, BaselineConfig, ContentConfig, HybridConfig, ImplicitAlsConfig
+from .gather import neighbour_ratings
 from .session import materialize
 from .tables import CSMR, FEATURE_GROUPS, FEATURES, NB, SMR, SUR  # noqa: F401  (the table contract's columns)
 
@@ -234,6 +235,11 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
             .select("p", F.col("e").alias(entity), "nb", "sim", "rank"))
 
 
+# How pair_features reads the neighbours' ratings (sur, smr, csmr): "numpy", gathered per
+# partition (gather.py); "join", the Spark joins it replaced (kept for the A/B benchmark).
+GATHER = "numpy"
+
+
 def _top_ratings(joined: DataFrame, prefix: str, n_col: str, knn: str, shrink: float) -> DataFrame:
     """joined: userId, movieId, sim, r, res -> userId, movieId, prefix1..5 (most similar first),
     n_col, and from the same rows the kNN-baseline residual `_knn` (sum of sim x residual over
@@ -244,6 +250,21 @@ def _top_ratings(joined: DataFrame, prefix: str, n_col: str, knn: str, shrink: f
         F.count(F.lit(1)).alias(f"{knn}_n"))
     return agg.select("userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"{prefix}{i + 1}") for i in range(NB)],
                       F.size("_t").alias(n_col), f"_{knn}", f"{knn}_n")
+
+
+def _content_ratings(joined: DataFrame, shrink: float) -> DataFrame:
+    """joined: userId, movieId, sim, near, r, res -> userId, movieId, csmr1..5 (the near
+    neighbours' ratings, most similar first), n_csmr, content_sim (their summed sim) and `_cres`,
+    the content kNN residual over every listed neighbour."""
+    near = F.col("near")
+    top = F.slice(F.sort_array(F.filter(F.collect_list(F.struct(near.alias("n"), (-F.col("sim")).alias("k"), "r")),
+                                        lambda x: x["n"]), True), 1, NB)
+    cagg = joined.groupBy("userId", "movieId").agg(
+        top.alias("_t"), F.sum(F.when(near, F.col("sim"))).alias("content_sim"),
+        F.sum(F.col("sim") * F.col("res")).alias("_num"), F.sum("sim").alias("_den"))
+    return cagg.select("userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"csmr{i + 1}") for i in range(NB)],
+                       F.size("_t").alias("n_csmr"), "content_sim",
+                       (F.col("_num") / (F.col("_den") + F.lit(shrink))).alias("_cres"))
 
 
 def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: DataFrame | None,
@@ -289,16 +310,37 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
         "userId", "movieId", "rating", (F.col("rating") - F.col("UAvg")).alias("c"))
     unb = user_nb if user_nb is not None else cosine_neighbours(
         cu, "userId", "movieId", cfg.neighbours, cfg.min_common, cfg.cap_per_movie, seed)
-    sur = _top_ratings(
-        keys.join(unb, "userId").join(resid.select(F.col("userId").alias("nb"), "movieId", "r", "res"), ["nb", "movieId"]),
-        "sur", "n_sur", "knn_user", cfg.knn_shrink)
+    if GATHER == "numpy":
+        sur = neighbour_ratings(keys, resid, [unb.select("userId", "nb", "sim")], "movieId", ["sur"],
+                                [cfg.knn_shrink]).select(
+            "userId", "movieId", *SUR, "n_sur", F.col("sur_knn").alias("_knn_user"),
+            F.col("sur_cnt").alias("knn_user_n"))
+    else:
+        sur = _top_ratings(
+            keys.join(unb, "userId").join(resid.select(F.col("userId").alias("nb"), "movieId", "r", "res"),
+                                          ["nb", "movieId"]),
+            "sur", "n_sur", "knn_user", cfg.knn_shrink)
     cm = fit.join(mstats.select("movieId", "MAvg"), "movieId").select(
         "userId", "movieId", (F.col("rating") - F.col("MAvg")).alias("c"))
     mnb = movie_nb if movie_nb is not None else cosine_neighbours(
         cm, "movieId", "userId", cfg.neighbours, cfg.min_common, cfg.cap_per_user, seed)
-    smr = _top_ratings(
-        keys.join(mnb, "movieId").join(resid.select("userId", F.col("movieId").alias("nb"), "r", "res"), ["userId", "nb"]),
-        "smr", "n_smr", "knn_item", cfg.knn_shrink)
+    cnb = None if sims is None else sims.select(
+        "movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"),
+        (F.col("rank") <= content_cfg.user_neighbours).alias("near"))
+    if GATHER == "numpy":
+        # smr and csmr from one pass over each user's ratings: one row per pair with both.
+        names = ["smr"] + (["csmr"] if cnb is not None else [])
+        item = neighbour_ratings(keys, resid, [mnb.select("movieId", "nb", "sim")] + ([cnb] if cnb is not None else []),
+                                 "userId", names, [cfg.knn_shrink, content_cfg.predict_shrink])
+        smr = item.select("userId", "movieId", *SMR, "n_smr", F.col("smr_knn").alias("_knn_item"),
+                          F.col("smr_cnt").alias("knn_item_n"),
+                          *([*CSMR, "n_csmr", F.col("csmr_near").alias("content_sim"), F.col("csmr_knn").alias("_cres")]
+                            if cnb is not None else []))
+    else:
+        smr = _top_ratings(
+            keys.join(mnb, "movieId").join(resid.select("userId", F.col("movieId").alias("nb"), "r", "res"),
+                                           ["userId", "nb"]),
+            "smr", "n_smr", "knn_item", cfg.knn_shrink)
 
     model = als_model if als_model is not None else fit_explicit(fit, bias, als_cfg, seed)
     als = predict_explicit(model, bias, keys, True, lo, hi).select("userId", "movieId", F.col("prediction").alias("als"))
@@ -306,24 +348,16 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
              .join(als, ["userId", "movieId"], "left").join(ustats, "userId", "left").join(mstats, "movieId", "left")
              .join(sur, ["userId", "movieId"], "left").join(smr, ["userId", "movieId"], "left"))
 
-    if sims is not None:
-        # One join of the pairs with their content neighbours the user rated feeds three
-        # features: csmr (nearest user_neighbours, ratings), content_sim (their summed
-        # similarity) and the content kNN prediction (every listed neighbour, residuals).
-        cres = resid.select("userId", F.col("movieId").alias("nb"), "r", "res")
-        cnb = sims.select("movieId", F.col("similar_movieId").alias("nb"), F.col("similarity").alias("sim"),
-                          (F.col("rank") <= content_cfg.user_neighbours).alias("near"))
-        near = F.col("near")
-        top = F.slice(F.sort_array(F.filter(F.collect_list(F.struct(near.alias("n"), (-F.col("sim")).alias("k"), "r")),
-                                            lambda x: x["n"]), True), 1, NB)
-        cagg = (keys.join(cnb, "movieId").join(cres, ["userId", "nb"]).groupBy("userId", "movieId")
-                .agg(top.alias("_t"), F.sum(F.when(near, F.col("sim"))).alias("content_sim"),
-                     F.sum(F.col("sim") * F.col("res")).alias("_num"), F.sum("sim").alias("_den")))
-        cfeat = cagg.select(
-            "userId", "movieId", *[F.get(F.col("_t"), i)["r"].alias(f"csmr{i + 1}") for i in range(NB)],
-            F.size("_t").alias("n_csmr"), "content_sim",
-            (F.col("_num") / (F.col("_den") + F.lit(content_cfg.predict_shrink))).alias("_cres"))
-        feats = feats.join(cfeat, ["userId", "movieId"], "left").withColumn(
+    # The pairs' content neighbours the user rated feed three features: csmr (nearest
+    # user_neighbours, ratings), content_sim (their summed similarity) and the content kNN
+    # prediction (every listed neighbour, residuals).
+    if cnb is not None and GATHER != "numpy":  # (the numpy path's smr rows carry them already)
+        cfeat = _content_ratings(keys.join(cnb, "movieId").join(
+            resid.select("userId", F.col("movieId").alias("nb"), "r", "res"), ["userId", "nb"]),
+            content_cfg.predict_shrink)
+        feats = feats.join(cfeat, ["userId", "movieId"], "left")
+    if cnb is not None:
+        feats = feats.withColumn(
             "content", F.least(F.greatest(F.col("baseline") + F.coalesce("_cres", F.lit(0.0)), F.lit(lo)), F.lit(hi))
         ).drop("_cres")
     else:

@@ -25,14 +25,17 @@ def user_partition(parts: int) -> Column:
 
 def movies_then_users(movie_rows: DataFrame, user_rows: DataFrame, parts: int) -> DataFrame:
     """`movie_rows` copied to each of `parts` partitions (kind 0), then `user_rows` (which carry
-    their own `pid`, user_partition) in theirs (kind 1), movies first within a partition.
+    their own `pid`, user_partition) in theirs (kind 1, or their own `kind` above 0 where they
+    carry one: rows sort by it), movies first within a partition.
 
     Hash partitioning on pid may put two pids' copies in one partition: the reader keeps the
     movies once each (np.unique)."""
     spark = movie_rows.sparkSession
     copies = (movie_rows.crossJoin(spark.range(parts).select(F.col("id").cast("int").alias("pid")))
               .withColumn("kind", F.lit(0)))
-    return (copies.unionByName(user_rows.withColumn("kind", F.lit(1)))
+    if "kind" not in user_rows.columns:
+        user_rows = user_rows.withColumn("kind", F.lit(1))
+    return (copies.unionByName(user_rows)
             .repartition(parts, "pid").sortWithinPartitions("kind"))
 
 

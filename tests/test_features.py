@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from chispa import assert_approx_df_equality
+from pyspark.sql import functions as F
 
 from movierec_spark.config import HybridConfig
 from movierec_spark.features import cosine_neighbours, oof_plan
@@ -250,3 +251,64 @@ def test_demographic_features_average_the_residuals_of_like_users(spark):
     assert got[11].occ_res == pytest.approx(sum(res[u] for u in [3, 4, *women]) / (6 + k), abs=1e-9)
     z = got[10]  # no demographics row
     assert (z.u_age, z.u_male, z.demo_res, z.occ_res) == (-1.0, -1.0, 0.0, 0.0)
+
+
+def test_neighbour_ratings_in_numpy_equal_the_spark_joins(spark, monkeypatch):
+    """gather.neighbour_ratings against the joins it replaced (sur, smr, csmr) on random data:
+    tied similarities (the lower rating first), lists longer and shorter than 5, content lists
+    whose far neighbours count for the kNN sums only, pairs without a list or without a hit,
+    several chunks per partition, and no pairs at all."""
+    import random
+
+    from movierec_spark import gather
+    from movierec_spark.features import _content_ratings, _top_ratings
+
+    rnd = random.Random(11)
+    resid = spark.createDataFrame(
+        [(u, m, float(rnd.randrange(1, 11)) / 2, rnd.uniform(-2, 2))
+         for u, m in sorted({(rnd.randrange(1, 120), rnd.randrange(1, 60)) for _ in range(1500)})],
+        "userId int, movieId int, r double, res double")
+    keys = spark.createDataFrame(sorted({(rnd.randrange(1, 130), rnd.randrange(1, 70)) for _ in range(1200)}),
+                                 "userId int, movieId int")
+    sims = [0.25, 0.5, 0.75]  # few values: ties
+    unb = spark.createDataFrame([(u, n, rnd.choice(sims)) for u in range(1, 110)
+                                 for n in rnd.sample(range(1, 125), rnd.randrange(12)) if n != u],
+                                "userId int, nb int, sim double")
+    mnb = spark.createDataFrame([(m, n, rnd.choice(sims)) for m in range(1, 55)
+                                 for n in rnd.sample(range(1, 65), rnd.randrange(9)) if n != m],
+                                "movieId int, nb int, sim double")
+    cnb = spark.createDataFrame([(m, n, rnd.random(), rnd.random() < 0.6) for m in range(1, 60)
+                                 for n in rnd.sample(range(1, 65), rnd.randrange(10)) if n != m],
+                                "movieId int, nb int, sim double, near boolean")
+    monkeypatch.setattr(gather, "CHUNK", 50)
+    shrink, cshrink = 1.0, 0.5
+
+    got_u = gather.neighbour_ratings(keys, resid, [unb], "movieId", ["sur"], [shrink]).select(
+        "userId", "movieId", *[f"sur{i}" for i in range(1, 6)], "n_sur", F.col("sur_knn").alias("_knn_user"),
+        F.col("sur_cnt").alias("knn_user_n"))
+    want_u = _top_ratings(keys.join(unb, "userId").join(
+        resid.select(F.col("userId").alias("nb"), "movieId", "r", "res"), ["nb", "movieId"]),
+        "sur", "n_sur", "knn_user", shrink)
+    assert want_u.count() > 100
+    assert_approx_df_equality(got_u, want_u, 1e-9, ignore_row_order=True, ignore_nullable=True,
+                              ignore_column_order=True)
+
+    got_m = gather.neighbour_ratings(keys, resid, [mnb, cnb], "userId", ["smr", "csmr"], [shrink, cshrink])
+    want_m = _top_ratings(keys.join(mnb, "movieId").join(
+        resid.select("userId", F.col("movieId").alias("nb"), "r", "res"), ["userId", "nb"]),
+        "smr", "n_smr", "knn_item", shrink)
+    want_c = _content_ratings(keys.join(cnb, "movieId").join(
+        resid.select("userId", F.col("movieId").alias("nb"), "r", "res"), ["userId", "nb"]), cshrink)
+    assert want_m.count() > 100 and want_c.count() > 100
+    smr = got_m.where("smr_cnt > 0").select(
+        "userId", "movieId", *[f"smr{i}" for i in range(1, 6)], "n_smr", F.col("smr_knn").alias("_knn_item"),
+        F.col("smr_cnt").alias("knn_item_n"))
+    assert_approx_df_equality(smr, want_m, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    csmr = got_m.where("csmr_cnt > 0").select(
+        "userId", "movieId", *[f"csmr{i}" for i in range(1, 6)], "n_csmr", F.col("csmr_near").alias("content_sim"),
+        F.col("csmr_knn").alias("_cres"))
+    assert_approx_df_equality(csmr, want_c, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    # A kept row has a hit in one set at least; one without any hit is left out.
+    assert got_m.where("smr_cnt = 0 and csmr_cnt = 0").isEmpty()
+    assert got_m.count() == want_m.join(want_c, ["userId", "movieId"], "full").count()
+    assert gather.neighbour_ratings(keys.limit(0), resid, [unb], "movieId", ["sur"], [shrink]).isEmpty()
