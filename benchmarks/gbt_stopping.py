@@ -1,7 +1,7 @@
 """How `hybrid.validation_tol` was chosen: GBT fits on one run's out-of-fold features, scored on
 the validation rows only (never on a test part).
 
-    python benchmarks/gbt_stopping.py --warehouse WH [--run RUN] [--tols 0.001,0.0001,0]
+    python benchmarks/gbt_stopping.py --warehouse WH [--run RUN] [--tols 0.001,0.0001,0] [--config conf/scale.yaml]
 
 WH is a warehouse an evaluate or serve run wrote `features` into (for example the one
 benchmarks/serve_benchmark.py leaves in /tmp/movierec-serve-bench/wh). For each tolerance (and
@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("--warehouse", required=True)
     ap.add_argument("--run", help="run id (default: the one run in features, else the first)")
     ap.add_argument("--tols", default="0.001,0.0001,0")
+    ap.add_argument("--config", help="config file (default: the packaged local.yaml); its hybrid section sets the GBT")
     args = ap.parse_args()
-    cfg = load_config(None, {"paths.warehouse": args.warehouse})
+    cfg = load_config(args.config, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-gbt-stopping")
     try:
         feats = tables.read_table(spark, cfg.paths.warehouse, "features")
