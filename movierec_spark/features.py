@@ -146,7 +146,7 @@ def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int
 
 def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | None], neighbours: int,
                     min_common: int, cap: int | None, seed: int, centred: bool = True,
-                    cap_per_pass: bool = False) -> DataFrame:
+                    cap_per_pass: bool = False, cooccur: tuple[list[int | None], int] | None = None) -> DataFrame:
     """cosine_neighbours for several out-of-fold passes from one self-join: p, entity, nb, sim, rank.
 
     ratings: userId, movieId, rating, fold. Pass p (an index into `outs`) uses the ratings
@@ -161,7 +161,18 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     `cap` rows per `via` value from the ratings it keeps (the same hash order), exactly as
     cosine_neighbours over that pass's ratings would; the join then carries the union of the
     passes' samples.
+
+    `cooccur` (co_outs, m), with the shared cap: also, as passes len(outs) + j, the top m of each
+    entity by the cosine of binary vectors (co-raters over sqrt(raters x raters), min_common 1)
+    over the ratings outside fold co_outs[j], each pass sampling its own `cap` rows per `via`
+    value: the rows fold_neighbours(ratings with rating 1, entity, via, co_outs, m, 1, cap, seed,
+    centred=False, cap_per_pass=True) gives (the learned ranker's item-kNN tables), from this
+    same self-join instead of one of their own. The join carries the union of the shared and
+    the per-pass samples; each pass sums only the co-ratings of its own sample.
     """
+    co = list(cooccur[0]) if cooccur else []
+    if co and cap_per_pass:
+        raise ValueError("fold_neighbours: cooccur goes with the shared cap (cap_per_pass False)")
     r = ratings.select(entity, via, F.col("rating").cast("double").alias("r"), "fold")
 
     def keep(out, *folds):
@@ -178,7 +189,8 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
         agg for i, out in enumerate(outs) for agg in (
             F.sum(F.when(keep(out, "fold"), 1).otherwise(0)).alias(f"n{i}"),
             F.sum(F.when(keep(out, "fold"), F.col("r")).otherwise(0.0)).alias(f"s{i}"),
-            F.sum(F.when(keep(out, "fold"), F.col("r") * F.col("r")).otherwise(0.0)).alias(f"q{i}"))])
+            F.sum(F.when(keep(out, "fold"), F.col("r") * F.col("r")).otherwise(0.0)).alias(f"q{i}"))],
+        *[F.sum(F.when(keep(out, "fold"), 1).otherwise(0)).alias(f"cn{j}") for j, out in enumerate(co)])
     per_pass = F.explode(F.array(*[F.struct(F.lit(i).alias("p"), F.col(f"n{i}").alias("n"), F.col(f"s{i}").alias("s"),
                                             F.col(f"q{i}").alias("q")) for i in range(len(outs))]))
     # Uncentred: a mean of 0 turns the centred sums below into the plain ones.
@@ -186,6 +198,12 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     sq = F.col("x.q") - F.col("x.s") * F.col("x.s") / F.col("x.n") if centred else F.col("x.q")
     means = (stats.select(entity, per_pass.alias("x")).where(F.col("x.n") > 0)
              .select(entity, "x.p", mu.alias("mu"), F.sqrt(F.greatest(sq, F.lit(0.0))).alias("norm")))
+    if co:
+        # Binary vectors: no centring, and the squared norm is the rating count (a sum of ones).
+        counts = F.explode(F.array(*[F.struct(F.lit(len(outs) + j).alias("p"), F.col(f"cn{j}").alias("n"))
+                                     for j in range(len(co))]))
+        means = means.unionByName(stats.select(entity, counts.alias("x")).where(F.col("x.n") > 0).select(
+            entity, "x.p", F.lit(0.0).alias("mu"), F.sqrt(F.col("x.n").cast("double")).alias("norm")))
     own = bool(cap) and cap_per_pass
     if own:
         # In pass i's sample: kept by the pass, and among the first `cap` rows of the `via` value
@@ -197,9 +215,22 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
         for i in range(len(outs)):
             anywhere = anywhere | F.col(f"in{i}")
         pruned = r.select("*", *[c.alias(f"in{i}") for i, c in enumerate(ins)]).where(anywhere)
+    elif co:
+        # The shared sample (_capped's: the first `cap` rows of each `via` value in hash order)
+        # and each co-occurrence pass's own (the first `cap` of the rows it keeps), from one sort.
+        order = Window.partitionBy(via).orderBy(F.xxhash64("userId", "movieId", F.lit(seed)))
+        upto = order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+        shared = (F.row_number().over(order) <= cap) if cap else F.lit(True)
+        ins = [keep(out, "fold") & ((F.sum(keep(out, "fold").cast("int")).over(upto) <= cap) if cap else F.lit(True))
+               for out in co]
+        anywhere = F.col("sh")
+        for j in range(len(co)):
+            anywhere = anywhere | F.col(f"cin{j}")
+        pruned = r.select("*", shared.alias("sh"), *[c.alias(f"cin{j}") for j, c in enumerate(ins)]).where(anywhere)
     else:
         pruned = _capped(r, via, cap, seed)
-    flags = [f"in{i}" for i in range(len(outs))] if own else []
+    flags = ([f"in{i}" for i in range(len(outs))] if own else []) + (["sh", *[f"cin{j}" for j in range(len(co))]]
+                                                                     if co else [])
     a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"),
                       *[F.col(f).alias(f"a_{f}") for f in flags])
     b = pruned.select(F.col(entity).alias("nb"), via, F.col("r").alias("rb"), F.col("fold").alias("fb"),
@@ -207,16 +238,26 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     sums = []
     for i, out in enumerate(outs):
         k = (F.col(f"a_in{i}") & F.col(f"b_in{i}")) if own else keep(out, "fa", "fb")
+        if co:  # the join also holds rows outside the shared sample
+            k = k & F.col("a_sh") & F.col("b_sh")
         sums += [F.sum(F.when(k, 1).otherwise(0)).alias(f"c{i}"),
                  F.sum(F.when(k, F.col("ra") * F.col("rb")).otherwise(0.0)).alias(f"ab{i}"),
                  F.sum(F.when(k, F.col("ra")).otherwise(0.0)).alias(f"a{i}"),
                  F.sum(F.when(k, F.col("rb")).otherwise(0.0)).alias(f"b{i}")]
+    sums += [F.sum(F.when(F.col(f"a_cin{j}") & F.col(f"b_cin{j}"), 1).otherwise(0)).alias(f"cc{j}")
+             for j in range(len(co))]
     # Each unordered pair once (e < nb), mirrored after scoring, as in cosine_neighbours.
     pair_sums = a.join(b, via).where(F.col("e") < F.col("nb")).groupBy("e", "nb").agg(*sums)
+    # A binary pass's sums of ratings and of their products are its co-rater count.
     per_pair = F.explode(F.array(*[F.struct(F.lit(i).alias("p"), F.col(f"c{i}").alias("c"), F.col(f"ab{i}").alias("ab"),
                                             F.col(f"a{i}").alias("a"), F.col(f"b{i}").alias("b"))
-                                   for i in range(len(outs))]))
-    need = max(1, min_common)
+                                   for i in range(len(outs))],
+                                 *[F.struct(F.lit(len(outs) + j).alias("p"), F.col(f"cc{j}").alias("c"),
+                                            *[F.col(f"cc{j}").cast("double").alias(x) for x in ("ab", "a", "b")])
+                                   for j in range(len(co))]))
+    need = F.lit(max(1, min_common))
+    if co:
+        need = F.when(F.col("x.p") >= len(outs), F.lit(1)).otherwise(need)
     pairs = (pair_sums.select("e", "nb", per_pair.alias("x")).where(F.col("x.c") >= need)
              .select("e", "nb", "x.*"))
     ma = means.select(F.col(entity).alias("e"), "p", F.col("mu").alias("mua"), F.col("norm").alias("na"))
@@ -231,8 +272,12 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
                              F.struct(F.col("nb").alias("e"), F.col("e").alias("nb"))))
     sims = half.select("p", both.alias("x"), "sim").select("p", "x.e", "x.nb", "sim")
     w = Window.partitionBy("p", "e").orderBy(F.col("sim").desc(), F.col("nb"))
-    return (sims.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= neighbours)
-            .select("p", F.col("e").alias(entity), "nb", "sim", "rank"))
+    co_top = cooccur[1] if co else neighbours
+    # A literal bound first (Spark then keeps each partition's top rows before the shuffle).
+    top = sims.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= max(neighbours, co_top))
+    if co_top != neighbours:
+        top = top.where(F.col("rank") <= F.when(F.col("p") >= len(outs), F.lit(co_top)).otherwise(F.lit(neighbours)))
+    return top.select("p", F.col("e").alias(entity), "nb", "sim", "rank")
 
 
 # How pair_features reads the neighbours' ratings (sur, smr, csmr): "numpy", gathered per
@@ -608,7 +653,8 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
                    folded: DataFrame | None = None, whole_als=None, batched: bool = True,
-                   users: DataFrame | None = None, whole_nb: dict | None = None) -> list[DataFrame]:
+                   users: DataFrame | None = None, whole_nb: dict | None = None,
+                   ranker_nb: dict | None = None) -> list[DataFrame]:
     """pair_features of every pass (each result materialized: `release` them once
     written); `threads` > 1 runs passes side by side (measured slower on 2 cores, see config).
 
@@ -623,6 +669,11 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     materialized ("user", "movie": `release` them), from the same self-join as the passes' lists
     (one more pass's sums in it), for featurising pairs from the whole train part later (a serve
     run's served pairs, once the ranker has chosen them).
+    `ranker_nb` (a dict, with `folded`): the learned ranker's item-kNN tables (p, movieId, nb,
+    sim as ranker.ranker_neighbours gives them: p 0 over train outside fold 0, p 1 over all of
+    train) are put in it materialized ("table": `release` it), from the movie lists' self-join
+    (fold_neighbours' `cooccur`) instead of a self-join of their own in the recommend stage;
+    nothing is put when the passes' lists come from no shared self-join (fewer than two).
     """
     nbs: list = []
     outs = [p.fold_out for p in passes]
@@ -635,16 +686,19 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     # two passes on (a single pass, as on 25M ratings, would join more rows than it needs).
     if folded is not None and len(outs) > 1:
         h, seed = args[5], args[6]
-        log.info("features: neighbour lists of %d passes from one self-join each", len(outs))
+        log.info("features: neighbour lists of %d passes from one self-join each%s", len(outs),
+                 " (the movies' also gives the ranker's item-kNN tables)" if ranker_nb is not None else "")
+        cooccur = ([0, None], h.ranker_knn_neighbours) if ranker_nb is not None else None
         nbs = [fold_neighbours(folded, "userId", "movieId", outs, h.neighbours, h.min_common, h.cap_per_movie,
                                seed).cache(),
                fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
-                               seed).cache()]
+                               seed, cooccur=cooccur).cache()]
         if whole is not None:
-            from .session import materialize
-
             whole_nb.update(user=materialize(nbs[0].where(F.col("p") == whole).drop("p")),
                             movie=materialize(nbs[1].where(F.col("p") == whole).drop("p")))
+        if ranker_nb is not None:
+            ranker_nb["table"] = materialize(nbs[1].where(F.col("p") >= len(outs)).select(
+                (F.col("p") - len(outs)).cast("int").alias("p"), "movieId", "nb", "sim"))
 
     def run_pass(i: int) -> DataFrame:
         p = passes[i]

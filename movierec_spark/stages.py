@@ -235,9 +235,14 @@ def features_stage(ctx: RunContext) -> dict:
     args, users = _feature_inputs(ctx)
     folded = with_folds(train, cfg.pipeline.seed, h.folds) if h.shared_neighbours else None
     whole_nb: dict | None = {} if served_later else None
+    # The learned ranker's item-kNN tables from this stage's movie self-join, when they sample
+    # each user's ratings as the movie lists do (the same cap), for the recommend stage.
+    ranker_nb: dict | None = ({} if h.ranker == "learned" and h.ranker_knn_neighbours and folded is not None
+                              and "recommend" in cfg.pipeline.stages
+                              and (h.ranker_knn_cap or h.cap_per_user) == h.cap_per_user else None)
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
-                             batched=h.batched_passes, users=users, whole_nb=whole_nb)
+                             batched=h.batched_passes, users=users, whole_nb=whole_nb, ranker_nb=ranker_nb)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     from .session import release
 
@@ -247,6 +252,12 @@ def features_stage(ctx: RunContext) -> dict:
             df.write.mode("overwrite").parquet(f"{path}/{kind}")
             release(df)
         out["neighbours_path"] = path
+    if ranker_nb:
+        path = model_path(ctx, "ranker_neighbours")
+        ranker_nb["table"].write.mode("overwrite").parquet(path)
+        release(ranker_nb["table"])
+        out["ranker_neighbours"] = {"path": path, "neighbours": h.ranker_knn_neighbours,
+                                    "cap": h.cap_per_user, "folds": h.folds}
     # Once each: a batched result stands for every out-of-fold pass (a second release of its
     # checkpoint makes the block manager warn about blocks already gone).
     for df in {id(d): d for d in results + [train, test]}.values():
@@ -445,6 +456,7 @@ def _learned_scores(ctx: RunContext):
     from pyspark.ml.recommendation import ALSModel
 
     from .als import fit_implicit, recommend_unseen
+    from .fs import exists
     from .ranker import pool_length, ranker_neighbours, serving_scores, train_ranker
     from .tune import ranker_search
 
@@ -456,8 +468,15 @@ def _learned_scores(ctx: RunContext):
     times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
     sims = run_table(ctx, "similar_movies")
     n_items = tables.read_table(spark, ctx.warehouse, "movies").count() if h.ranker_validation_users > 0 else 0
-    # The kNN tables of the ranker's training part and of the whole train part, from one self-join.
-    rest_nb, nb, nb_cached = ranker_neighbours(train, h, seed)
+    # The kNN tables of the ranker's training part and of the whole train part: from the features
+    # stage's movie self-join when it kept them for these settings, else from one self-join here.
+    kept = (ctx.results.get("features") or {}).get("ranker_neighbours") or {}
+    if kept and kept == {"path": kept.get("path"), "neighbours": h.ranker_knn_neighbours,
+                         "cap": h.ranker_knn_cap or h.cap_per_user, "folds": h.folds} and exists(kept["path"]):
+        nb_cached = spark.read.parquet(kept["path"]).cache()
+        rest_nb, nb = nb_cached.where(F.col("p") == 0).drop("p"), nb_cached.where(F.col("p") == 1).drop("p")
+    else:
+        rest_nb, nb, nb_cached = ranker_neighbours(train, h, seed)
     t0 = time.perf_counter()
     model, validation, tune = train_ranker(train, times, sims, cfg, n_items, search=search, item_nb=rest_nb)
     if tune:

@@ -207,6 +207,33 @@ def test_ranker_neighbours_give_the_tables_of_the_ranker_part_and_of_train_from_
     assert ranker.ranker_neighbours(train, off, 7) == (None, None, None)
 
 
+def test_the_movie_self_join_also_gives_the_ranker_tables(spark):
+    # The features stage's movie lists with `cooccur`: its own passes' lists must not change, and
+    # the extra passes must be the ranker's tables exactly (ranker_neighbours, its own self-join),
+    # with and without a cap that samples heavy raters (users rate up to 12 of 15 movies, cap 4).
+    import random
+    from types import SimpleNamespace
+
+    rnd = random.Random(5)
+    rows = [(u, m, float(rnd.randint(1, 10)) / 2, day(1)) for u in range(1, 41) for m in range(1, 16)
+            if rnd.random() < 0.6]
+    train = spark.createDataFrame(rows, RATINGS)
+    folded = features.with_folds(train, 7, 5).cache()
+    outs = [0, 1, None]
+    for cap in (None, 4):
+        plain = features.fold_neighbours(folded, "movieId", "userId", outs, 3, 2, cap, 7)
+        merged = features.fold_neighbours(folded, "movieId", "userId", outs, 3, 2, cap, 7, cooccur=([0, None], 6))
+        assert_df_equality(merged.where(F.col("p") < len(outs)), plain, ignore_row_order=True, ignore_nullable=True)
+        h = SimpleNamespace(ranker_knn_neighbours=6, ranker_knn_cap=cap, cap_per_user=100, folds=5)
+        rest, whole, cached = ranker.ranker_neighbours(train, h, 7)
+        for p, want in ((len(outs), rest), (len(outs) + 1, whole)):
+            got = merged.where(F.col("p") == p).select("movieId", "nb", "sim")
+            assert_df_equality(got, want, ignore_row_order=True, ignore_nullable=True)
+            assert got.count() > 30 and got.where(F.col("sim") < 1).count() > 0
+        cached.unpersist()
+    folded.unpersist()
+
+
 def test_item_neighbours_count_co_raters_over_the_norms(spark, ratings, empty):
     # Binary vectors over users: 10 = {1, 2, 3}, 20 = {1, 2}, 30 = {1}.
     # cos(10, 20) = 2 / sqrt(3 * 2), cos(10, 30) = 1 / sqrt(3), cos(20, 30) = 1 / sqrt(2).
