@@ -1,11 +1,14 @@
 """Content neighbours benchmark (not a test: prints figures).
 
-    python benchmarks/content_benchmark.py [--warehouse W | --input DIR] [--no-exact] [--set KEY=VALUE]
+    python benchmarks/content_benchmark.py [--warehouse W | --input DIR] [--no-exact] [--top-n] [--set KEY=VALUE]
 
 Builds the movie vectors of an ingested warehouse (or ingests --input into a temporary one),
 times the exact top-K (numpy block products over all pairs) and the LSH path (SimHash bands
 from BucketedRandomProjectionLSH, exact cosine on candidates), and prints recall@K of LSH
-against exact (tie-aware). --no-exact skips the all-pairs yardstick on large catalogs.
+against exact (tie-aware). --no-exact skips the all-pairs yardstick on large catalogs. --top-n also
+times the content user model's lists (content_top_n, top 10) on the train part of the warehouse's
+latest run, from the LSH neighbours. Run it with PYTHONPATH set to another checkout to time that
+commit's code with the same script.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> int:
     ap.add_argument("--input", default=str(REPO.parent / "shared" / "datasets" / "ml-latest-small"))
     ap.add_argument("--warehouse", help="an already ingested warehouse (skips ingest)")
     ap.add_argument("--no-exact", action="store_true")
+    ap.add_argument("--top-n", action="store_true")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     setup_logging()
@@ -53,6 +57,18 @@ def main() -> int:
     print(f"  width {len(v.first().features):,}")
     approx = timed(f"lsh top-{c.k} (bits {c.lsh_bits}, tables {c.lsh_tables}, cap {c.lsh_bucket_cap})",
                    lambda: lsh_neighbours(v, c.k, c.lsh_bits, c.lsh_tables, c.lsh_bucket_cap, cfg.pipeline.seed))
+    if args.top_n:
+        from pyspark.sql import functions as F
+
+        from movierec_spark.content import content_top_n
+
+        splits = tables.read_table(spark, wh, "rating_splits")
+        run = splits.agg(F.max("run_id")).first()[0]
+        train = splits.where((F.col("run_id") == run) & (F.col("split") == "train")).select(
+            "userId", "movieId", "rating").cache()
+        print(f"run {run}: {train.count():,} train ratings", flush=True)
+        timed(f"content_top_n (top 10, {c.user_sources} sources x {c.user_neighbours} neighbours)",
+              lambda: content_top_n(train, approx, 10, c.user_sources, c.user_neighbours))
     if not args.no_exact:
         exact = timed(f"exact top-{c.k}", lambda: exact_neighbours(v, c.k))
         for k in sorted({10, c.k}):

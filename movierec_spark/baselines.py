@@ -163,13 +163,14 @@ def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) ->
     return top_n_per_user(unseen, n, score=F.col("n_ratings").cast("double"), tiebreak=F.col("pop_rank"))
 
 
-def top_n_per_user(cands: DataFrame, n: int, score, tiebreak=None) -> DataFrame:
-    """Keep each user's n best candidates by score (then tiebreak, then movieId): userId, movieId, rank, score."""
+def top_n_per_user(cands: DataFrame, n: int, score, tiebreak=None, keep: tuple[str, ...] = ()) -> DataFrame:
+    """Keep each user's n best candidates by score (then tiebreak, then movieId): userId, movieId, rank, score
+    (and the columns `keep`)."""
     order = [score.desc()] + ([tiebreak] if tiebreak is not None else []) + [F.col("movieId")]
     w = Window.partitionBy("userId").orderBy(*order)
     return (
         cands.withColumn("score", score)
         .withColumn("rank", F.row_number().over(w))
         .where(F.col("rank") <= n)
-        .select("userId", "movieId", F.col("rank").cast("int"), "score")
+        .select("userId", "movieId", F.col("rank").cast("int"), "score", *keep)
     )

@@ -13,7 +13,8 @@ Neighbours:
   `mapInArrow` (no per-row Python): exact, cost movies^2 x dimensions, so it is the
   small-catalog mode and the yardstick for the approximation.
 - `lsh_neighbours`: random-hyperplane LSH with banding over the unit vectors for candidates,
-  exact cosine on the candidates, top-K per movie.
+  each bucket's movies scored exactly in numpy as exact_neighbours scores a block pair, top-K
+  per movie.
 
 A movie with no genres, no tags, no genome and no year has the zero vector: cosine is undefined,
 so it gets no neighbours and appears in nobody's list (documented in README).
@@ -250,14 +251,16 @@ def _vector_rows(vectors, width: int, dense: bool = True):
 
 def _block_top_k(k: int):
     """exact_neighbours' mapInArrow function: rows (l, r) of two blocks' (movieId, features, pop)
-    -> each left movie's top k right movies (itself excluded, similarity > 0) with their pop."""
+    -> each left movie's top k right movies (itself excluded, similarity > 0) with their pop.
+    A row with `l` only (lsh_neighbours' buckets) scores that block against itself."""
     def run(batches):
         import numpy as np
         import pyarrow as pa
 
         for batch in batches:
+            right_col = batch.column("r" if "r" in batch.schema.names else "l")
             for i in range(batch.num_rows):
-                left, right = batch.column("l")[i].values, batch.column("r")[i].values
+                left, right = batch.column("l")[i].values, right_col[i].values
                 lids, lvec = left.flatten()[0].to_numpy(zero_copy_only=False), left.flatten()[1]
                 rids, rvec, rpop = right.flatten()
                 rids = rids.to_numpy(zero_copy_only=False)
@@ -285,14 +288,6 @@ def _block_top_k(k: int):
                     names=["movieId", "similar_movieId", "similarity", "pop"])
 
     return run
-
-
-def _sparse_entries(vectors: DataFrame) -> DataFrame:
-    """movieId, sv: map index -> value of the vector's non-zero entries (a few dozen, not the width)."""
-    arr = vector_to_array("features", "float32")
-    return vectors.where("has_content").select("movieId", F.map_from_entries(F.filter(
-        F.arrays_zip(F.sequence(F.lit(0), F.size(arr) - 1).alias("i"), arr.alias("x")),
-        lambda e: e["x"] != 0)).alias("sv"))
 
 
 def lsh_codes(vectors: DataFrame, bits: int, tables: int, seed: int) -> DataFrame:
@@ -326,34 +321,36 @@ def lsh_neighbours(vectors: DataFrame, k: int, bits: int = 8, tables: int = 16, 
     own LSH join uses one projection per table, which cannot separate unit vectors in high
     dimensions.) Movies sharing a code are candidates; a crowded bucket (many identical vectors)
     is cut into sub-buckets of about `bucket_cap`, so candidates stay linear in the catalog:
-    at most movies x tables x bucket_cap pairs. Candidates are scored exactly on sparse vectors.
+    at most movies x tables x bucket_cap pairs.
+
+    Each bucket is one row holding its movies' vectors, scored inside `mapInArrow` as
+    exact_neighbours scores a block pair (the same function, so the same float64 cosines and
+    tie order), and only each movie's top k of the bucket leaves Python: movies x tables x k
+    rows at most, deduplicated (a pair can share several tables' buckets), then top k per movie.
+    A movie's top k among all its candidates is the top k of its buckets' top k's, so this
+    equals scoring every candidate pair. (Before issue 22, every candidate pair was scored by a
+    join on the pairs' shared vector entries and all pairs were ranked in a Window: at 25M
+    ratings that query took 755 task-seconds and most of the content stage's 15 GB of spill.)
     """
     spark = vectors.sparkSession
-    if not vectors.where("has_content").take(1):
+    v = vectors.where("has_content").select("movieId", "features", _pop(vectors).alias("pop"))
+    n = v.count()
+    if n == 0:
         return _top_k(_empty_pairs(spark), k)
     codes = lsh_codes(vectors, bits, tables, seed)
     size = F.count(F.lit(1)).over(Window.partitionBy("t", "code"))
     buckets = codes.withColumn(
         "sub", F.pmod(F.xxhash64("movieId", "t", F.lit(seed)), F.greatest(F.ceil(size / bucket_cap), F.lit(1))))
-    a, b = buckets.alias("a"), buckets.alias("b")
-    cands = (a.join(b, [F.col("a.t") == F.col("b.t"), F.col("a.code") == F.col("b.code"),
-                        F.col("a.sub") == F.col("b.sub"), F.col("a.movieId") < F.col("b.movieId")], "inner")
-             .select(F.col("a.movieId").alias("movieId"), F.col("b.movieId").alias("similar_movieId"))
-             .distinct())
-    # Exact cosine of each candidate as a join on shared non-zero indices: rows = pairs x
-    # shared entries (a few), where scoring map lookups row by row took 3x longer. Pairs that
-    # share no index have cosine 0 and are no neighbours, so the inner join loses nothing.
-    entries = _sparse_entries(vectors).select("movieId", F.explode("sv").alias("i", "x"))
-    ea, eb = entries.alias("ea"), entries.alias("eb")
-    scored = (cands.join(ea, cands.movieId == F.col("ea.movieId"))
-              .join(eb, (cands.similar_movieId == F.col("eb.movieId")) & (F.col("ea.i") == F.col("eb.i")))
-              .groupBy(cands.movieId, cands.similar_movieId)
-              .agg(F.sum(F.col("ea.x").cast("double") * F.col("eb.x")).alias("dot")))
-    both = _pairs_frame(scored)
-    both = both.unionByName(both.select(F.col("similar_movieId").alias("movieId"),
-                                        F.col("movieId").alias("similar_movieId"), "similarity"))
-    pop = vectors.select(F.col("movieId").alias("similar_movieId"), _pop(vectors).alias("pop"))
-    return _top_k(both.join(pop, "similar_movieId", "left"), k)
+    rows = (buckets.join(v, "movieId").groupBy("t", "code", "sub")
+            .agg(F.collect_list(F.struct("movieId", "features", "pop")).alias("m"))
+            .where(F.size("m") > 1))
+    # About 64 full buckets per task: every task's Arrow batch stays a few MB whatever the catalog.
+    parts = max(spark.sparkContext.defaultParallelism, -(-n * tables // (bucket_cap * 64)))
+    out = (rows.select(F.col("m").alias("l")).repartition(parts)
+           .mapInArrow(_block_top_k(k), "movieId int, similar_movieId int, similarity double, pop long"))
+    # The same pair from two tables' buckets has the same cosine (the same product of the same two vectors).
+    return _top_k(out.groupBy("movieId", "similar_movieId").agg(F.max("similarity").alias("similarity"),
+                                                                F.max("pop").alias("pop")), k)
 
 
 def neighbour_recall(approx: DataFrame, exact: DataFrame, k: int) -> float:
@@ -405,8 +402,9 @@ def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, 
              .groupBy("userId", "movieId")
              .agg(F.sum("c").alias("s"), F.max_by("src", F.struct(F.col("c"), -F.col("src"))).alias("because_movieId"))
              .join(train.select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
-    top = top_n_per_user(cands, n, score=F.col("s"))
-    return top.join(cands.select("userId", "movieId", "because_movieId"), ["userId", "movieId"])
+    # because_movieId rides along the ranking: joining it back from `cands` computed the
+    # liked x neighbours aggregate a second time.
+    return top_n_per_user(cands, n, score=F.col("s"), keep=("because_movieId",))
 
 
 def content_predict(pairs: DataFrame, train: DataFrame, sims: DataFrame, bias, shrink: float = 1.0,

@@ -66,6 +66,34 @@ def test_lsh_finds_exact_top_k_on_clustered_catalog(spark):
     assert j.where(F.abs(F.col("a.similarity") - F.col("e.similarity")) > 1e-6).count() == 0
 
 
+def test_lsh_lists_are_the_exact_top_k_over_the_pairs_sharing_a_bucket(spark):
+    """Buckets scored in numpy keep, per movie, exactly what scoring every candidate pair would:
+    the exact lists restricted to pairs that share a table's code, re-ranked (same cosines, same
+    tie order). 3 bits x 2 tables split the 60 movies, so the candidates are a strict subset."""
+    from chispa import assert_df_equality
+    from pyspark.sql import Window
+
+    from movierec_spark.content import lsh_codes
+
+    names = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Crime"]
+    movies = [(i, f"m{i}", 1950 + 7 * (i % 9), [g for b, g in enumerate(names) if (i * 37) >> b & 1])
+              for i in range(1, 61)]
+    v = vectors(spark, movies, tag_weight=0.0).cache()
+    codes = lsh_codes(v, 3, 2, 11)
+    a, b = codes.alias("a"), codes.alias("b")
+    cands = (a.join(b, ["t", "code"]).where(F.col("a.movieId") != F.col("b.movieId"))
+             .select(F.col("a.movieId").alias("movieId"), F.col("b.movieId").alias("similar_movieId")).distinct())
+    assert 0 < cands.count() < 60 * 59
+    every = exact_neighbours(v, 60)
+    w = Window.partitionBy("movieId").orderBy("rank")
+    expected = (every.join(cands, ["movieId", "similar_movieId"], "left_semi")
+                .withColumn("rank", F.row_number().over(w)).where("rank <= 5")
+                .select("movieId", "similar_movieId", F.col("rank").cast("int"), "similarity"))
+    got = lsh_neighbours(v, 5, bits=3, tables=2, bucket_cap=1000, seed=11)
+    assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
+    v.unpersist()
+
+
 FRANCHISE_PAIRS = Path(__file__).parent / "fixtures" / "franchise_pairs.csv"
 
 
