@@ -2,7 +2,7 @@
 out-of-fold features, scored on the hybrid's validation rows only (never on a test part).
 
     python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6,75x4@0.2]
-                                      [--rows 250000,500000,0] [--config conf/scale.yaml]
+                                      [--rows 250000,500000,0] [--subsets all,0.5] [--config conf/scale.yaml]
 
 WH is a warehouse an evaluate or serve run wrote `features` into. Each grid point (trees x
 depth, @ the step size when given, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
@@ -13,6 +13,9 @@ RMSE / MAE and seconds per point, and the point with the lowest validation RMSE.
 the hash sample the hybrid stage would train on, scored on the same validation rows): how many
 out-of-fold rows the GBT needs, a learning curve. The features stage computes features only for
 the rows the cap keeps (features.oof_plan), so a lower cap also saves feature passes.
+
+`--subsets`: each point is also fitted with `hybrid.feature_subset` at these values (MLlib's
+featureSubsetStrategy: the features each tree node considers).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> int:
     ap.add_argument("--run", help="run id (default: the latest succeeded run)")
     ap.add_argument("--grid", default="80x5,150x5,80x6,150x6", help="trees x depth[@step] points")
     ap.add_argument("--rows", help="comma-separated hybrid.max_train_rows values (0: all rows); default: the config's")
+    ap.add_argument("--subsets", help="comma-separated hybrid.feature_subset values; default: the config's")
     ap.add_argument("--config", help="config file (default: the packaged local.yaml)")
     args = ap.parse_args()
     cfg = load_config(args.config, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
@@ -54,23 +58,25 @@ def main() -> int:
         print(f"run {run}: validation = {h.validation_fraction:.0%} of the out-of-fold train rows")
         caps = [int(v) or None for v in args.rows.split(",")] if args.rows else [h.max_train_rows]
         print(f"{rows.count()} out-of-fold rows, {rows.where('is_val').count()} of them validation")
-        print("| trees | depth | step | max_train_rows | validation RMSE | validation MAE | seconds |\n"
-              "|---|---|---|---|---|---|---|")
+        subsets = args.subsets.split(",") if args.subsets else [h.feature_subset]
+        print("| trees | depth | step | max_train_rows | feature_subset | validation RMSE | validation MAE | seconds |\n"
+              "|---|---|---|---|---|---|---|---|")
         for point in args.grid.split(","):
             size, _, step = point.partition("@")
             trees, depth = (int(v) for v in size.split("x"))
             step = float(step) if step else h.step_size
-            for cap in caps:
+            for cap, sub in ((c, s) for c in caps for s in subsets):
                 t0 = time.perf_counter()
                 model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth,
-                                                                    "step_size": step, "max_train_rows": cap}), seed)
+                                                                    "step_size": step, "max_train_rows": cap,
+                                                                    "feature_subset": sub}), seed)
                 val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
-                got.append((val["rmse"], trees, depth, step, cap))
-                print(f"| {trees} | {depth} | {step:g} | {cap or 'all'} | {val['rmse']:.4f} | {val['mae']:.4f} | "
+                got.append((val["rmse"], trees, depth, step, cap, sub))
+                print(f"| {trees} | {depth} | {step:g} | {cap or 'all'} | {sub} | {val['rmse']:.4f} | {val['mae']:.4f} | "
                       f"{time.perf_counter() - t0:.0f} |", flush=True)
         best = min(got, key=lambda g: g[0])
         print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]}, step {best[3]:g}, max_train_rows "
-              f"{best[4] or 'all'} ({best[0]:.4f})")
+              f"{best[4] or 'all'}, feature_subset {best[5]} ({best[0]:.4f})")
     finally:
         spark.stop()
     return 0

@@ -283,6 +283,11 @@ class HybridConfig(Section):
     step_size: float = 0.1
     subsample: float = 0.8
     min_instances_per_node: int = 20
+    # Features each tree node considers (MLlib's featureSubsetStrategy: "all", "onethird",
+    # "sqrt", "log2", a share such as "0.5", or a count). Measured on the 1M harness run's
+    # validation rows (benchmarks/results/gbt-feature-subset-1M.md): "0.5" saved 18% of the fit
+    # for +0.0010 validation RMSE, "onethird" 22% for +0.0029, so "all".
+    feature_subset: str = "all"
     # Train the GBT on at most this many out-of-fold rows (a hash sample; null = all).
     max_train_rows: int | None = 2_000_000
     # Share of the GBT's out-of-fold rows (a hash of user, movie, seed) it does not train on:
