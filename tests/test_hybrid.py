@@ -209,7 +209,9 @@ def test_demographic_features_stay_only_where_they_lower_the_validation_rmse(spa
 
     h = HybridConfig(max_iter=15, max_depth=3, min_instances_per_node=5)
     demo = tables.FEATURE_GROUPS["demo"]
+    # Keyed like every feature row: the GBT's input is laid out by (userId, movieId).
     base = spark.range(3000).select(
+        F.col("id").cast("int").alias("userId"), F.lit(1).alias("movieId"),
         *[(F.rand(seed=i) * 2).alias(c) for i, c in enumerate(FEATURES) if c not in demo],
         F.lit(30.0).alias("u_age"), (F.col("id") % 2).cast("double").alias("u_male"),
         (F.rand(seed=99) * 2 - 1).alias("demo_res"), F.lit(0.0).alias("occ_res"),
