@@ -447,8 +447,14 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
 
     def better(cand, best) -> bool:
         gain, se, users = paired_gain(best[0], cand[0])
-        decided[cand[2]] = {"gain": round(gain, 4), "se": round(se, 4), "over": list(best[2]), "users": users}
-        return gain > t.ranker_z * se
+        kept = gain > t.ranker_z * se
+        # A trial's record is its first meeting, as a challenger of the best so far. A setting
+        # may meet again: when a step's challenger displaces the step's incumbent, the incumbent
+        # (its grid value too) meets the new best, and the next step's candidates meet it. That
+        # later meeting must not overwrite the one that decided whether it was kept.
+        decided.setdefault(cand[2], {"gain": round(gain, 4), "se": round(se, 4), "over": list(best[2]),
+                                     "users": users, "kept": bool(kept)})
+        return kept
 
     start = {"candidate_pool": pool, "ranker_max_depth": h.ranker_max_depth}
     per: list = []

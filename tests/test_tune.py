@@ -229,10 +229,14 @@ def test_the_ranker_search_keeps_a_challenger_only_beyond_the_noise(hybrid_run):
     # Pool 40 is longer than the lists (30): skipped. Pools 30 and 20 at depth 4, then depth 3.
     assert [(t["candidate_pool"], t["ranker_max_depth"]) for t in trials[:2]] == [(30, 4), (20, 4)]
     assert len(trials) == 3 and trials[2]["ranker_max_depth"] == 3
-    # Each challenger carries its paired gain over the setting it met, and was kept iff it gained.
-    pool_kept = trials[1]["gain"] > 0
+    # Each challenger carries its paired gain over the setting it met, and was kept iff it gained
+    # (the recorded gain is rounded; `kept` is the decision on the unrounded one).
+    pool_kept = trials[1]["kept"]
+    assert pool_kept == (trials[1]["gain"] > 0) or trials[1]["gain"] == 0
+    assert trials[1]["over"] == [30, 4]
     assert chosen["candidate_pool"] == (20 if pool_kept else 30) == trials[2]["candidate_pool"]
-    assert chosen["ranker_max_depth"] == (3 if trials[2]["gain"] > 0 else 4)
+    assert trials[2]["over"] == [chosen["candidate_pool"], 4]
+    assert chosen["ranker_max_depth"] == (3 if trials[2]["kept"] else 4)
     assert all(t["se"] >= 0 and t["users"] > 0 for t in trials[1:])
     assert model.stages[-1].getMaxDepth() == chosen["ranker_max_depth"]
     assert {m for m, _, _ in validation} >= {"ndcg", "precision"}
