@@ -257,9 +257,10 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> 
     return out.drop("u_last", "u_mid", "m_first", "m_mid"), names
 
 
-def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4) -> PipelineModel:
+def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4,
+               subsample: float = 0.8, step: float = 0.1) -> PipelineModel:
     gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
-                        subsamplingRate=0.8, stepSize=0.1)
+                        subsamplingRate=subsample, stepSize=step)
     from .features import gbt_input
 
     data = gbt_input(labelled).cache()
