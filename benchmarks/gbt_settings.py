@@ -3,6 +3,7 @@ out-of-fold features, scored on the hybrid's validation rows only (never on a te
 
     python benchmarks/gbt_settings.py --warehouse WH [--run RUN] [--grid 80x5,150x5,80x6,150x6,75x4@0.2]
                                       [--rows 250000,500000,0] [--subsets all,0.5] [--config conf/scale.yaml]
+                                      [--subsamples 0.8,1.0] [--seeds 3]
 
 WH is a warehouse an evaluate or serve run wrote `features` into. Each grid point (trees x
 depth, @ the step size when given, the other `hybrid.*` settings as configured) is fitted as the hybrid stage fits it, on
@@ -16,6 +17,10 @@ the rows the cap keeps (features.oof_plan), so a lower cap also saves feature pa
 
 `--subsets`: each point is also fitted with `hybrid.feature_subset` at these values (MLlib's
 featureSubsetStrategy: the features each tree node considers).
+
+`--subsamples`: each point is also fitted at these `hybrid.subsample` values (the share of rows
+each tree draws). `--seeds N`: every fit N times with GBT seeds seed + 7919 i, to see how far
+the learner's own draw moves the figure (the rows and the validation share stay the run's).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main() -> int:
     ap.add_argument("--rows", help="comma-separated hybrid.max_train_rows values (0: all rows); default: the config's")
     ap.add_argument("--subsets", help="comma-separated hybrid.feature_subset values; default: the config's")
     ap.add_argument("--config", help="config file (default: the packaged local.yaml)")
+    ap.add_argument("--subsamples", help="comma-separated hybrid.subsample values; default: the config's")
+    ap.add_argument("--seeds", type=int, default=1, help="GBT seeds per fit (seed + 7919 i)")
     args = ap.parse_args()
     cfg = load_config(args.config, {"paths.warehouse": args.warehouse, "spark.show_progress": False})
     spark = build_spark(cfg, app_name="movierec-gbt-settings")
@@ -59,21 +66,24 @@ def main() -> int:
         caps = [int(v) or None for v in args.rows.split(",")] if args.rows else [h.max_train_rows]
         print(f"{rows.count()} out-of-fold rows, {rows.where('is_val').count()} of them validation")
         subsets = args.subsets.split(",") if args.subsets else [h.feature_subset]
-        print("| trees | depth | step | max_train_rows | feature_subset | validation RMSE | validation MAE | seconds |\n"
-              "|---|---|---|---|---|---|---|---|")
+        subsamples = [float(v) for v in args.subsamples.split(",")] if args.subsamples else [h.subsample]
+        print("| trees | depth | step | max_train_rows | feature_subset | subsample | seed | validation RMSE | "
+              "validation MAE | seconds |\n|---|---|---|---|---|---|---|---|---|---|")
         for point in args.grid.split(","):
             size, _, step = point.partition("@")
             trees, depth = (int(v) for v in size.split("x"))
             step = float(step) if step else h.step_size
-            for cap, sub in ((c, s) for c in caps for s in subsets):
+            for cap, sub, frac, i in ((c, s, f, i) for c in caps for s in subsets for f in subsamples
+                                      for i in range(args.seeds)):
                 t0 = time.perf_counter()
                 model, _, _ = fit_hybrid(rows, h.model_copy(update={"max_iter": trees, "max_depth": depth,
                                                                     "step_size": step, "max_train_rows": cap,
-                                                                    "feature_subset": sub}), seed)
+                                                                    "feature_subset": sub, "subsample": frac}),
+                                         seed + 7919 * i)
                 val = rating_metrics(predict_hybrid(model, rows.where("is_val"), lo, hi), label_col="label")
                 got.append((val["rmse"], trees, depth, step, cap, sub))
-                print(f"| {trees} | {depth} | {step:g} | {cap or 'all'} | {sub} | {val['rmse']:.4f} | {val['mae']:.4f} | "
-                      f"{time.perf_counter() - t0:.0f} |", flush=True)
+                print(f"| {trees} | {depth} | {step:g} | {cap or 'all'} | {sub} | {frac:g} | {seed + 7919 * i} | "
+                      f"{val['rmse']:.4f} | {val['mae']:.4f} | {time.perf_counter() - t0:.0f} |", flush=True)
         best = min(got, key=lambda g: g[0])
         print(f"\nlowest validation RMSE: {best[1]} trees, depth {best[2]}, step {best[3]:g}, max_train_rows "
               f"{best[4] or 'all'}, feature_subset {best[5]} ({best[0]:.4f})")

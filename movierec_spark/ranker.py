@@ -258,7 +258,7 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> 
 
 
 def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4,
-               subsample: float = 0.8, step: float = 0.1) -> PipelineModel:
+               subsample: float = 1.0, step: float = 0.1) -> PipelineModel:
     gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
                         subsamplingRate=subsample, stepSize=step)
     from .features import gbt_input
@@ -394,7 +394,8 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
         chosen = setting["candidate_pool"]
         tune = {"settings": {"hybrid": setting}, "trials": trials}
     else:
-        model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth)
+        model = fit_ranker(labelled.where(~is_val), names, seed, h.ranker_max_iter, h.ranker_max_depth,
+                           h.ranker_subsample)
     validation = []
     if val_share > 0:
         # The final lists of the validation users, scored like every list.
@@ -433,7 +434,7 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
         t0 = time.perf_counter()
         p, d = setting["candidate_pool"], setting["ranker_max_depth"]
         rows = within_pool(labelled, models, pool, p)
-        model = fit_ranker(rows.where(~is_val), names, seed, h.ranker_max_iter, d)
+        model = fit_ranker(rows.where(~is_val), names, seed, h.ranker_max_iter, d, h.ranker_subsample)
         vfeats = within_pool(feats.where(is_val), models, pool, p)
         lists = top_n_per_user(rank_scores(model, vfeats), 10, score=F.col("p"))
         per_user = user_ndcg(lists, vheld, 10, cfg.evaluation.relevance_threshold).cache()

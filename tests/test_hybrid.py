@@ -239,7 +239,9 @@ def test_the_gbt_learns_the_same_model_from_the_same_rows_in_any_order(spark):
     from movierec_spark.config import HybridConfig
     from movierec_spark.hybrid import fit_hybrid, predict_hybrid
 
-    h = HybridConfig(max_iter=8, max_depth=3, min_instances_per_node=5, validation_fraction=0.0)
+    # A subsample below 1, so the draw is there to move (under 10,000 rows MLlib takes every
+    # row's value as a split candidate: subsample 1.0 would draw nothing).
+    h = HybridConfig(max_iter=8, max_depth=3, min_instances_per_node=5, validation_fraction=0.0, subsample=0.8)
     rows = spark.range(4000).select(
         (F.col("id") % 400).cast("int").alias("userId"), (F.col("id") / 400).cast("int").alias("movieId"),
         *[(F.rand(seed=i) * 2).alias(c) for i, c in enumerate(FEATURES)])
