@@ -343,6 +343,14 @@ class HybridConfig(Section):
     # without, 0.1824/0.1768/0.1813 with (mean +0.003, within the ranker's noise) and recall@10
     # higher in all three (+0.005/+0.003/+0.002). About 10 s more per ranker fit there.
     ranker_active_days: int = Field(180, ge=0)
+    # The ranker learns from models and counts over train outside one fold ((folds - 1) / folds
+    # of it) and serves from all of train, where every count is folds / (folds - 1) times larger.
+    # true: its count features (ratings per user and movie, popularity, rated kNN neighbours,
+    # ratings around the user's time) are divided by that share while it learns, so its
+    # thresholds sit on the served scale. Chosen on nested validation data (a train part split
+    # again, benchmarks/nested_split.py): nDCG@10 +0.0057 and +0.0007 at two inner seeds
+    # (benchmarks/results/ranker-rescale-nested-ml-latest-small.md).
+    ranker_rescale_counts: bool = True
     # Share of the ranker's users (a hash of the user and seed) whose candidates it does not
     # train on: its final lists for them, scored against their held-out fold, are the run's
     # validation ranking metrics. 0 = no validation figures.

@@ -78,25 +78,38 @@ def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str],
     return out, model, cached
 
 
+# Candidate models whose score is a count of train ratings (popularity: the movie's count).
+COUNT_SCORES = ("popularity",)
+
+
 def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int,
                     implicit=None, times: DataFrame | None = None,
-                    item_nb: DataFrame | None = None, active_days: int = 0) -> tuple[DataFrame, list[str]]:
+                    item_nb: DataFrame | None = None, active_days: int = 0,
+                    share: float = 1.0) -> tuple[DataFrame, list[str]]:
     """One row per candidate (userId, movieId) with the ranker's inputs; returns (frame, names).
 
     `implicit` (the implicit ALS model fitted on `train`) adds its score u.v for every candidate,
     also those it did not list: a content or popularity pick the collaborative model also
     rates highly is a better bet than one it does not.
+
+    `share`: the fraction of the serving data that `train` is. The ranker learns on train
+    outside one fold and serves from all of train, so every count (the user's and the movie's
+    ratings, the popularity score, the rated kNN neighbours, the ratings around the user's
+    time) is divided by it: the trees' thresholds then sit where the served counts fall, not
+    1/share lower.
     """
     cols, names = [], []
     for m in models:
         is_m = F.col("model") == m
+        score = F.col("score") / share if m in COUNT_SCORES else F.col("score")
         cols += [F.coalesce(F.min(F.when(is_m, F.col("rank"))), F.lit(n + 1)).cast("double").alias(f"{m}_rank"),
-                 F.coalesce(F.max(F.when(is_m, F.col("score"))), F.lit(0.0)).cast("double").alias(f"{m}_score")]
+                 F.coalesce(F.max(F.when(is_m, score)), F.lit(0.0)).cast("double").alias(f"{m}_score")]
         names += [f"{m}_rank", f"{m}_score"]
     cands = lists.groupBy("userId", "movieId").agg(*cols, F.count(F.lit(1)).cast("double").alias("n_lists"))
     names.append("n_lists")
-    u = train.groupBy("userId").agg(F.count(F.lit(1)).cast("double").alias("u_n"), F.avg("rating").alias("u_avg"))
-    m = train.groupBy("movieId").agg(F.count(F.lit(1)).cast("double").alias("m_n"), F.avg("rating").alias("m_avg"))
+    count = (F.count(F.lit(1)) / share).cast("double")
+    u = train.groupBy("userId").agg(count.alias("u_n"), F.avg("rating").alias("u_avg"))
+    m = train.groupBy("movieId").agg(count.alias("m_n"), F.avg("rating").alias("m_avg"))
     g = train.agg(F.avg("rating")).first()[0]
     out = (cands.join(u, "userId", "left").join(m, "movieId", "left")
            .select("*", F.log1p(F.coalesce("m_n", F.lit(0.0))).alias("m_log_n")).fillna(
@@ -110,11 +123,12 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
                .withColumn("imp_dot", F.coalesce(dot.cast("double"), F.lit(0.0))).drop("u", "v"))
         names.append("imp_dot")
     if times is not None:
-        out, more = _time_features(out, times, active_days)
+        out, more = _time_features(out, times, active_days, share)
         names += more
     if item_nb is not None:
         # Item-kNN: summed co-occurrence cosine of the candidate to the movies the user rated.
         knn = knn_scores(out.select("userId", "movieId"), train.select("userId", "movieId"), item_nb)
+        knn = knn.select("userId", "movieId", (F.col("knn") / share).alias("knn"), (F.col("knn_n") / share).alias("knn_n"))
         out = (out.join(knn, ["userId", "movieId"], "left").fillna({"knn": 0.0, "knn_n": 0.0})
                .withColumn("knn_u", F.col("knn") / F.sqrt(F.greatest(F.col("u_n"), F.lit(1.0)))))
         names += ["knn", "knn_n", "knn_u"]
@@ -228,7 +242,8 @@ def item_neighbours(train: DataFrame, m: int, cap: int | None, seed: int) -> Dat
     return cosine_neighbours(ones, "movieId", "userId", m, 1, cap, seed).select("movieId", "nb", "sim")
 
 
-def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> tuple[DataFrame, list[str]]:
+def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0,
+                   share: float = 1.0) -> tuple[DataFrame, list[str]]:
     """When the user was active against when the movie was being rated, from train timestamps.
 
     A user rates movies of the period they were active in: a movie whose first rating came
@@ -252,7 +267,8 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0) -> 
         per = windowed_counts(times, active_days).withColumnRenamed("c", "m_act")
         out = (out.withColumn("centre", time_bucket(F.col("u_mid")))
                .join(per, ["movieId", "centre"], "left")
-               .withColumn("m_active", F.log1p(F.coalesce(F.col("m_act"), F.lit(0)).cast("double"))).drop("centre", "m_act"))
+               .withColumn("m_active", F.log1p(F.coalesce(F.col("m_act"), F.lit(0)).cast("double") / share))
+               .drop("centre", "m_act"))
         names.append("m_active")
     return out.drop("u_last", "u_mid", "m_first", "m_mid"), names
 
@@ -339,6 +355,12 @@ def within_pool(feats: DataFrame, models: list[str], pool: int, p: int) -> DataF
     return out.withColumns(cols)
 
 
+def _rest_share(h) -> float:
+    """The share of train the ranker learns from (train outside fold 0), as ranker_features'
+    `share`: 1.0 when hybrid.ranker_rescale_counts is off."""
+    return (h.folds - 1) / h.folds if h.ranker_rescale_counts else 1.0
+
+
 def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg, n_items: int,
                  search: bool = False, item_nb: DataFrame | None = None) -> tuple[PipelineModel, list, dict]:
     """(model, validation rows, tune): the ranker fitted on fold 0 of `train` (the features
@@ -372,7 +394,7 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     own_nb = cached_item_neighbours(rest, h, seed) if item_nb is None else None
     nb = own_nb if item_nb is None else item_nb
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb,
-                                   h.ranker_active_days)
+                                   h.ranker_active_days, share=_rest_share(h))
     # Materialized: the fit reads it, and the validation users' lists and held-out movies read it
     # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage);
     # a checkpoint, not a cache, so the queries on it do not plan its lineage again.

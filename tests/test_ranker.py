@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from pyspark.sql import functions as F
 
 from movierec_spark.ranker import item_neighbours, ranker_features
 
@@ -30,6 +31,30 @@ def test_item_neighbours_and_knn_feature_by_hand(spark):
     assert got[20] == pytest.approx((2 / math.sqrt(6), 1.0, 2 / math.sqrt(6)))  # u_n = 1
     assert got[30] == pytest.approx((1 / math.sqrt(3), 1.0, 1 / math.sqrt(3)))
     assert {"knn", "knn_n", "knn_u", "popularity_rank"} <= set(names)
+
+
+def test_counts_are_put_on_the_serving_scale_when_learning_from_a_share_of_train(spark):
+    # Learning from half of train: every count doubles (what all of train would show), the rest stays.
+    train = spark.createDataFrame(
+        [(1, 10, 4.0, 0), (1, 20, 3.0, 10), (2, 10, 5.0, 20), (2, 20, 2.0, 30), (2, 30, 4.0, 40), (3, 10, 1.0, 50)],
+        "userId int, movieId int, rating double, t int").withColumn("rated_at", F.timestamp_seconds(F.col("t") * 86400))
+    lists = spark.createDataFrame([(3, 20, "popularity", 1, 2.0), (3, 30, "popularity", 2, 1.0)],
+                                  "userId int, movieId int, model string, rank int, score double")
+    nb = item_neighbours(train, 2, None, 42)
+    args = (lists, train, ["popularity"], 20, None, train.select("userId", "movieId", "rated_at"), nb, 180)
+    whole, names = ranker_features(*args)
+    half, _ = ranker_features(*args, share=0.5)
+    w, h = {r.movieId: r for r in whole.collect()}, {r.movieId: r for r in half.collect()}
+    for movie in (20, 30):
+        a, b = w[movie], h[movie]
+        for c in ("u_n", "m_n", "popularity_score", "knn", "knn_n"):
+            assert b[c] == pytest.approx(2 * a[c]) and a[c] > 0, c
+        assert b.m_log_n == pytest.approx(math.log1p(2 * a.m_n))
+        assert b.m_active == pytest.approx(math.log1p(2 * math.expm1(a.m_active))) and a.m_active > 0
+        assert b.knn_u == pytest.approx(a.knn_u * math.sqrt(2))  # knn / sqrt(u_n): both doubled
+        for c in ("popularity_rank", "u_avg", "m_avg", "n_lists", "t_after", "t_dist"):
+            assert b[c] == a[c], c
+    assert set(names) >= {"m_active", "t_dist", "knn_u"}
 
 
 def test_sample_users_is_a_stable_hash_sample_of_about_the_cap(spark):
