@@ -11,7 +11,9 @@ EVENTS_DIR is a run's `spark.eventLog.dir` (the scale harness keeps one per size
   written, spill;
 - for each `--stage` (default: the three with the most task seconds), its heaviest queries (SQL
   executions, the operators their plans hold) and its heaviest Spark stages (task seconds, tasks,
-  shuffle, the operators they run, or the RDD call site for MLlib's own jobs).
+  shuffle, the operators they run, or the RDD call site for MLlib's own jobs);
+- per pipeline stage, its jobs over time: span, seconds with a job of it running and without,
+  mean job duration.
 Task seconds overlap when stages run side by side (pipeline.overlap) or a stage runs jobs in
 threads; they measure work, not the critical path. Not a test: it reads a log and prints figures.
 """
@@ -56,6 +58,7 @@ def read_log(events: Path) -> dict:
     stage_info: dict[int, dict] = {}
     per_group: dict[str, dict] = collections.defaultdict(new_totals)
     per_stage: dict[int, dict] = collections.defaultdict(new_totals)
+    spans: dict[int, list] = {}  # job -> [submitted, completed] (ms)
     for f in log_files(events):
         with open(f, encoding="utf-8") as fh:
             for line in fh:
@@ -68,6 +71,9 @@ def read_log(events: Path) -> dict:
                     group_of_job[job] = group.split(":", 1)[1] if ":" in group else "(outside stages)"
                     exec_of_job[job] = props.get("spark.sql.execution.id")
                     per_group[group_of_job[job]]["jobs"] += 1
+                    spans[job] = [ev.get("Submission Time"), None]
+                elif kind == "SparkListenerJobEnd" and ev["Job ID"] in spans:
+                    spans[ev["Job ID"]][1] = ev.get("Completion Time")
                     for sid in ev.get("Stage IDs", []):
                         job_of_stage.setdefault(sid, job)
                 elif kind.endswith("SQLExecutionStart"):
@@ -111,7 +117,42 @@ def read_log(events: Path) -> dict:
                         for k, v in got.items():
                             acc[k] += v
     return {"group_of_job": group_of_job, "exec_of_job": exec_of_job, "job_of_stage": job_of_stage, "root": root,
-            "queries": queries, "stage_info": stage_info, "per_group": per_group, "per_stage": per_stage}
+            "queries": queries, "stage_info": stage_info, "per_group": per_group, "per_stage": per_stage,
+            "spans": {j: v for j, v in spans.items() if v[0] is not None and v[1] is not None}}
+
+
+def busy_seconds(intervals: list) -> float:
+    """Seconds covered by the union of (start, end) intervals in ms: time with at least one job running."""
+    total, cur = 0, None
+    for a, b in sorted(intervals):
+        if cur is None or a > cur[1]:
+            total += 0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return (total + (0 if cur is None else cur[1] - cur[0])) / 1000
+
+
+def timeline(log: dict) -> list[str]:
+    """Per pipeline stage: from its first job's submission to its last job's end (span), the time
+    with at least one of its jobs running (busy) and without (the driver planning, running
+    Python, committing to Delta, or waiting), and its jobs' mean duration: at small scale a run's
+    time is its job count times that, not its data."""
+    per: dict[str, list] = collections.defaultdict(list)
+    for job, iv in log["spans"].items():
+        per[log["group_of_job"].get(job, "(outside stages)")].append(iv)
+    lines = ["| pipeline stage | jobs | span s | busy s | no job running s | mean job ms |", "|---|---|---|---|---|---|"]
+    for name, ivs in sorted(per.items(), key=lambda kv: -busy_seconds(kv[1])):
+        span = (max(b for _, b in ivs) - min(a for a, _ in ivs)) / 1000
+        busy = busy_seconds(ivs)
+        mean = sum(b - a for a, b in ivs) / len(ivs)
+        lines.append(f"| {name} | {len(ivs)} | {span:.1f} | {busy:.1f} | {span - busy:.1f} | {mean:.0f} |")
+    every = [iv for ivs in per.values() for iv in ivs]
+    if every:
+        span = (max(b for _, b in every) - min(a for a, _ in every)) / 1000
+        lines.append(f"| whole run | {len(every)} | {span:.1f} | {busy_seconds(every):.1f} | "
+                     f"{span - busy_seconds(every):.1f} | {sum(b - a for a, b in every) / len(every):.0f} |")
+    return lines
 
 
 def report(log: dict, stages: list[str], top: int) -> str:
@@ -126,6 +167,8 @@ def report(log: dict, stages: list[str], top: int) -> str:
         lines.append(f"| {name} | {t['jobs']:.0f} | {t['stages']:.0f} | {t['tasks']:.0f} | {t['task_s']:.1f} | "
                      f"{t['run_s']:.1f} | {t['cpu_s']:.1f} | {t['deser_s']:.1f} | {t['read_mb']:.0f} | "
                      f"{t['write_mb']:.0f} | {t['spill_mb']:.0f} |")
+    lines += ["", "## Jobs over time (stages side by side overlap; a job's duration includes waiting for a core)", ""]
+    lines += timeline(log)
     for name in stages or order[:3]:
         sids = [s for s, j in log["job_of_stage"].items() if log["group_of_job"].get(j) == name and s in log["per_stage"]]
         by_query: dict[str, dict] = collections.defaultdict(new_totals)
