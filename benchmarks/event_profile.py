@@ -72,10 +72,10 @@ def read_log(events: Path) -> dict:
                     exec_of_job[job] = props.get("spark.sql.execution.id")
                     per_group[group_of_job[job]]["jobs"] += 1
                     spans[job] = [ev.get("Submission Time"), None]
-                elif kind == "SparkListenerJobEnd" and ev["Job ID"] in spans:
-                    spans[ev["Job ID"]][1] = ev.get("Completion Time")
                     for sid in ev.get("Stage IDs", []):
                         job_of_stage.setdefault(sid, job)
+                elif kind == "SparkListenerJobEnd" and ev["Job ID"] in spans:
+                    spans[ev["Job ID"]][1] = ev.get("Completion Time")
                 elif kind.endswith("SQLExecutionStart"):
                     xid = str(ev["executionId"])
                     if ev.get("rootExecutionId") is not None and str(ev["rootExecutionId"]) != xid:

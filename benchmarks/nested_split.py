@@ -30,8 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
-    train = DeltaTable(f"{a.warehouse}/rating_splits").to_pandas(
+    try:
+        table = DeltaTable(f"{a.warehouse}/rating_splits")
+    except TableNotFoundError:
+        print(f"{a.warehouse}/rating_splits is not a Delta table: give the warehouse of a run with a split stage",
+              file=sys.stderr)
+        return 1
+    train = table.to_pandas(
         columns=["userId", "movieId", "rating", "rated_at"], filters=[("run_id", "=", a.run_id), ("split", "=", "train")])
     if train.empty:
         print(f"run {a.run_id} has no train rows in {a.warehouse}/rating_splits", file=sys.stderr)

@@ -57,6 +57,16 @@ def test_counts_are_put_on_the_serving_scale_when_learning_from_a_share_of_train
     assert set(names) >= {"m_active", "t_dist", "knn_u"}
 
 
+def test_the_ranker_learns_with_its_counts_scaled_by_the_share_of_train_it_learns_from():
+    from movierec_spark.config import HybridConfig
+    from movierec_spark.ranker import _rest_share
+
+    # train_ranker learns from train outside fold 0 of `folds`: (folds - 1) / folds of what it serves from.
+    assert _rest_share(HybridConfig()) == pytest.approx(0.8)
+    assert _rest_share(HybridConfig(folds=4)) == pytest.approx(0.75)
+    assert _rest_share(HybridConfig(ranker_rescale_counts=False)) == 1.0
+
+
 def test_sample_users_is_a_stable_hash_sample_of_about_the_cap(spark):
     from movierec_spark.ranker import sample_users
 
