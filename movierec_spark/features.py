@@ -80,9 +80,19 @@ def gbt_input(df: DataFrame) -> DataFrame:
     One partition per core: the learners run a job per tree level with a task per partition,
     so on 2 cores 8 small partitions cost 8 task launches per level for 2 slots (the ranker's
     30-tree fit on ml-latest-small's 50,037 candidate rows took 23.7 s in 8 partitions and 11.0
-    s in 2)."""
+    s in 2).
+
+    Materialized (session.materialize: computed now, its plan cut to the result), not cached:
+    every tree level is a job whose task binary serializes the learner's RDD chain back to the
+    last shuffle, and a cached frame keeps the whole query (joins, the features table's scan)
+    in that chain. The hybrid's 150-tree fit on ml-latest-small's stratified train part took
+    about the same time as cached in benchmarks/gbt_lineage.py (the same model; no speed-up told
+    apart from this machine's drift), with a short plan behind each level's tasks. Give it back with
+    session.release."""
+    from .session import materialize
+
     cores = df.sparkSession.sparkContext.defaultParallelism
-    return df.repartition(cores, "userId", "movieId").sortWithinPartitions("userId", "movieId")
+    return materialize(df.repartition(cores, "userId", "movieId").sortWithinPartitions("userId", "movieId"))
 
 
 def gbt_sample(seed: int, frac: float):

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 
 from .config import HybridConfig
 from .features import FEATURES, gbt_input, gbt_sample
+from .session import release
 from .tables import FEATURE_GROUPS
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,14 @@ def fit_hybrid(train_features: DataFrame, cfg: HybridConfig, seed: int,
             data = data.where(~F.col("is_val")).drop("is_val")
         else:
             gbt = gbt.setValidationIndicatorCol("is_val").setParams(validationTol=cfg.validation_tol)
-    data = gbt_input(data).cache()
+    data = gbt_input(data)
     cols = cols or model_features(cfg)
     model = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="x", handleInvalid="keep"), gbt]).fit(data)
     imp = model.stages[-1].featureImportances.toArray()
     ranked = sorted(zip(cols, imp.tolist()), key=lambda t: -t[1])
     trees = model.stages[-1].getNumTrees
     log.info("hybrid: %d of at most %d trees", trees, cfg.max_iter)
-    data.unpersist()
+    release(data)
     return model, ranked, trees
 
 

@@ -278,12 +278,13 @@ def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int =
     gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
                         subsamplingRate=subsample, stepSize=step)
     from .features import gbt_input
+    from .session import release
 
-    data = gbt_input(labelled).cache()
-    pos = data.where("label = 1").count()
-    log.info("ranker: %d validation candidates, %d of them held out", data.count(), pos)
+    data = gbt_input(labelled)
+    rows, pos = data.agg(F.count(F.lit(1)), F.sum("label")).first()  # one job on the materialized rows
+    log.info("ranker: %d training candidates, %d of them held out", rows, int(pos or 0))
     model = Pipeline(stages=[VectorAssembler(inputCols=names, outputCol="x"), gbt]).fit(data)
-    data.unpersist()
+    release(data)
     return model
 
 
