@@ -251,3 +251,23 @@ def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
         futures = [pool.submit(inheritable_thread_target(spark)(timed), name, fn) for name, fn in jobs.items()]
         for f in futures:
             f.result()
+
+
+def jvm_usage(spark: SparkSession) -> dict | None:
+    """{"cpu_s", "gc_s"}: CPU seconds used so far by this process's JVM (in local mode the
+    driver and the executor: all of Spark's work) and its garbage collectors' seconds; None where
+    they cannot be read (no /proc, a JVM on another host, Spark Connect).
+
+    Wall time on a shared 2-core machine moves by a third between hours, and stages side by side
+    overlap; the JVM's CPU seconds say how much work a run did. Read from /proc: the JVM's own
+    OperatingSystemMXBean.getProcessCpuTime is not reachable through py4j on Java 17."""
+    try:
+        mf = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+        pid = int(mf.getRuntimeMXBean().getPid())
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)": state is field 3
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime (fields 14, 15)
+        gc = sum(b.getCollectionTime() for b in mf.getGarbageCollectorMXBeans()) / 1000.0
+        return {"cpu_s": cpu, "gc_s": gc}
+    except Exception:  # not Linux, no local JVM, no py4j: the log line goes without it
+        return None

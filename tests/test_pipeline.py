@@ -186,3 +186,19 @@ def test_a_failed_stage_stops_the_background_one_and_fails_the_run(spark, tmp_pa
     stages = {r.stage for r in tables.read_table(spark, cfg.paths.warehouse, "run_stages").collect()} \
         if tables.table_exists(spark, tables.table_path(cfg.paths.warehouse, "run_stages")) else set()
     assert "content" not in stages and ("content", "end") not in log
+
+
+def test_the_run_log_says_how_much_cpu_the_jvm_used(spark):
+    # Wall time on this shared machine drifts by a third between hours; the JVM's CPU seconds
+    # are what a performance change is judged by, so the run's last log line carries them.
+    from movierec_spark.pipeline import _usage_text
+    from movierec_spark.session import jvm_usage
+
+    before = jvm_usage(spark)
+    assert before is not None and before["cpu_s"] > 0 and before["gc_s"] >= 0
+    spark.range(3_000_000).selectExpr("sum(id * id % 7)").collect()  # some work in the JVM
+    after = jvm_usage(spark)
+    assert after["cpu_s"] > before["cpu_s"] and after["gc_s"] >= before["gc_s"]
+    assert _usage_text({"cpu_s": 100.0, "gc_s": 1.0}, {"cpu_s": 988.0, "gc_s": 23.8}, 548.0) == \
+        "; JVM CPU 888 s (1.62 cores), GC 22.8 s"
+    assert _usage_text(None, after, 10.0) == ""
