@@ -258,8 +258,10 @@ def jvm_usage(spark: SparkSession) -> dict | None:
     driver and the executor: all of Spark's work) and its garbage collectors' seconds; None where
     they cannot be read (no /proc, a JVM on another host, Spark Connect).
 
-    Wall time on a shared 2-core machine moves by a third between hours, and stages side by side
-    overlap; the JVM's CPU seconds say how much work a run did. Read from /proc: the JVM's own
+    Against the run's wall time they say whether it was CPU-bound (an ml-latest-small evaluate
+    run used 1.62-1.81 of 2 cores) and, against the event log's task CPU, how much went outside
+    the tasks. They are no steadier than wall time on this shared machine: the same evaluate run
+    used 888 CPU seconds in one hour and 1,322 in another. Read from /proc: the JVM's own
     OperatingSystemMXBean.getProcessCpuTime is not reachable through py4j on Java 17."""
     try:
         mf = spark.sparkContext._jvm.java.lang.management.ManagementFactory

@@ -189,8 +189,8 @@ def test_a_failed_stage_stops_the_background_one_and_fails_the_run(spark, tmp_pa
 
 
 def test_the_run_log_says_how_much_cpu_the_jvm_used(spark):
-    # Wall time on this shared machine drifts by a third between hours; the JVM's CPU seconds
-    # are what a performance change is judged by, so the run's last log line carries them.
+    # The run's last log line carries the JVM's CPU and GC seconds beside its wall time: whether
+    # a run is CPU-bound is what says which kind of change can make it faster.
     from movierec_spark.pipeline import _usage_text
     from movierec_spark.session import jvm_usage
 
