@@ -358,4 +358,5 @@ def _usage_text(before: dict | None, after: dict | None, wall: float) -> str:
     if not before or not after or wall <= 0:
         return ""
     cpu = after["cpu_s"] - before["cpu_s"]
-    return f"; JVM CPU {cpu:.0f} s ({cpu / wall:.2f} cores), GC {after['gc_s'] - before['gc_s']:.1f} s"
+    return (f"; {after.get('scope', 'JVM')} CPU {cpu:.0f} s ({cpu / wall:.2f} cores), "
+            f"GC {after['gc_s'] - before['gc_s']:.1f} s")

@@ -254,8 +254,9 @@ def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
 
 
 def jvm_usage(spark: SparkSession) -> dict | None:
-    """{"cpu_s", "gc_s"}: CPU seconds used so far by this process's JVM (in local mode the
-    driver and the executor: all of Spark's work) and its garbage collectors' seconds; None where
+    """{"cpu_s", "gc_s", "scope"}: CPU seconds used so far by this process's JVM (in local mode
+    the driver and the executor: all of Spark's work; on a cluster the driver's alone, scope
+    "driver JVM") and its garbage collectors' seconds; None where
     they cannot be read (no /proc, a JVM on another host, Spark Connect).
 
     Against the run's wall time they say whether it was CPU-bound (an ml-latest-small evaluate
@@ -270,6 +271,8 @@ def jvm_usage(spark: SparkSession) -> dict | None:
             fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)": state is field 3
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime (fields 14, 15)
         gc = sum(b.getCollectionTime() for b in mf.getGarbageCollectorMXBeans()) / 1000.0
-        return {"cpu_s": cpu, "gc_s": gc}
+        # On a cluster this is the driver alone: the executors' JVMs are elsewhere.
+        scope = "JVM" if spark.sparkContext.master.startswith("local") else "driver JVM"
+        return {"cpu_s": cpu, "gc_s": gc, "scope": scope}
     except Exception:  # not Linux, no local JVM, no py4j: the log line goes without it
         return None

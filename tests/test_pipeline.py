@@ -195,10 +195,12 @@ def test_the_run_log_says_how_much_cpu_the_jvm_used(spark):
     from movierec_spark.session import jvm_usage
 
     before = jvm_usage(spark)
-    assert before is not None and before["cpu_s"] > 0 and before["gc_s"] >= 0
+    assert before is not None and before["cpu_s"] > 0 and before["gc_s"] >= 0 and before["scope"] == "JVM"
     spark.range(3_000_000).selectExpr("sum(id * id % 7)").collect()  # some work in the JVM
     after = jvm_usage(spark)
     assert after["cpu_s"] > before["cpu_s"] and after["gc_s"] >= before["gc_s"]
-    assert _usage_text({"cpu_s": 100.0, "gc_s": 1.0}, {"cpu_s": 988.0, "gc_s": 23.8}, 548.0) == \
+    assert _usage_text({"cpu_s": 100.0, "gc_s": 1.0}, {"cpu_s": 988.0, "gc_s": 23.8, "scope": "JVM"}, 548.0) == \
         "; JVM CPU 888 s (1.62 cores), GC 22.8 s"
+    assert _usage_text(before, {"cpu_s": before["cpu_s"] + 5, "gc_s": before["gc_s"], "scope": "driver JVM"},
+                       10.0) == "; driver JVM CPU 5 s (0.50 cores), GC 0.0 s"
     assert _usage_text(None, after, 10.0) == ""
