@@ -23,13 +23,14 @@ import movierec_spark.hybrid as hybrid
 from movierec_spark import tables
 from movierec_spark.config import load_config
 from movierec_spark.evaluation import rating_metrics
-from movierec_spark.features import hash_sample
+from movierec_spark.features import gbt_layout
 from movierec_spark.session import build_spark, materialize
+
+from gbt_settings import oof_rows  # benchmarks/gbt_settings.py (the script's own directory)
 
 
 def layout(df, keep: str):
-    cores = df.sparkSession.sparkContext.defaultParallelism
-    out = df.repartition(cores, "userId", "movieId").sortWithinPartitions("userId", "movieId")
+    out = gbt_layout(df)
     return materialize(out) if keep == "materialized" else out.cache()
 
 
@@ -47,9 +48,7 @@ def main() -> int:
         run = args.run or (tables.read_table(spark, wh, "runs").where("status = 'succeeded'")
                            .orderBy(F.col("started_at").desc()).first().run_id)
         h, seed = cfg.hybrid, cfg.pipeline.seed
-        rows = (tables.read_table(spark, wh, "features").where((F.col("run_id") == run) & (F.col("split") == "train"))
-                .drop("run_id").withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
-                .cache())
+        rows = oof_rows(spark, wh, run, h, seed)
         print(f"run {run}: {rows.count()} out-of-fold rows; {h.max_iter} trees of depth {h.max_depth}")
         print("| fit | input | seconds | validation RMSE |\n|---|---|---|---|")
         for i, keep in enumerate(args.order.split(","), 1):

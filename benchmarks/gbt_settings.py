@@ -39,6 +39,14 @@ from movierec_spark.hybrid import fit_hybrid, predict_hybrid
 from movierec_spark.session import build_spark
 
 
+def oof_rows(spark, wh: str, run: str, h, seed: int):
+    """The run's out-of-fold train feature rows, cached, with `is_val`: the hybrid stage's
+    validation share (the rows fit_hybrid leaves out and scores)."""
+    return (tables.read_table(spark, wh, "features").where((F.col("run_id") == run) & (F.col("split") == "train"))
+            .drop("run_id").withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
+            .cache())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warehouse", required=True)
@@ -58,9 +66,7 @@ def main() -> int:
                            .orderBy(F.col("started_at").desc()).first().run_id)
         h, seed = cfg.hybrid, cfg.pipeline.seed
         lo, hi = (float(v) for v in tables.read_table(spark, wh, "ratings").agg(F.min("rating"), F.max("rating")).first())
-        rows = (tables.read_table(spark, wh, "features").where((F.col("run_id") == run) & (F.col("split") == "train"))
-                .drop("run_id").withColumn("is_val", hash_sample(["userId", "movieId"], seed + 3, h.validation_fraction))
-                .cache())
+        rows = oof_rows(spark, wh, run, h, seed)
         got = []
         print(f"run {run}: validation = {h.validation_fraction:.0%} of the out-of-fold train rows")
         caps = [int(v) or None for v in args.rows.split(",")] if args.rows else [h.max_train_rows]

@@ -91,8 +91,14 @@ def gbt_input(df: DataFrame) -> DataFrame:
     session.release."""
     from .session import materialize
 
+    return materialize(gbt_layout(df))
+
+
+def gbt_layout(df: DataFrame) -> DataFrame:
+    """gbt_input's layout, not yet computed: one partition per core by hash of (userId, movieId),
+    rows sorted within each."""
     cores = df.sparkSession.sparkContext.defaultParallelism
-    return materialize(df.repartition(cores, "userId", "movieId").sortWithinPartitions("userId", "movieId"))
+    return df.repartition(cores, "userId", "movieId").sortWithinPartitions("userId", "movieId")
 
 
 def gbt_sample(seed: int, frac: float):

@@ -258,3 +258,23 @@ def test_the_gbt_learns_the_same_model_from_the_same_rows_in_any_order(spark):
     for other in preds[1:]:
         assert_df_equality(preds[0], other, ignore_row_order=True)
     rows.unpersist()
+
+
+def test_gbt_input_is_a_checkpoint_of_the_same_rows_in_the_fixed_layout(spark):
+    # The learners run a job per tree level on it: a checkpoint, so those jobs carry no query plan
+    # behind it, holding exactly the input's rows, one partition per core, sorted by (user, movie).
+    from chispa import assert_df_equality
+
+    from movierec_spark.features import gbt_input
+    from movierec_spark.session import release
+
+    rows = spark.createDataFrame([(3, 1, 1.0), (1, 2, 2.0), (2, 9, 3.0), (1, 1, 4.0), (3, 0, 5.0)],
+                                 "userId int, movieId int, label double")
+    out = gbt_input(rows)
+    assert out._jdf.queryExecution().logical().nodeName() == "LogicalRDD"  # not the query above it
+    assert out.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism
+    assert_df_equality(out, rows, ignore_row_order=True)
+    for part in out.rdd.glom().collect():  # five rows: sorted within each partition
+        keys = [(r.userId, r.movieId) for r in part]
+        assert keys == sorted(keys)
+    release(out)
