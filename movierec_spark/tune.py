@@ -142,20 +142,22 @@ def coordinate_search(start: dict, steps: tuple[tuple[str, ...], ...], grids: di
 def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[dict]]:
     """(best, trials): implicit ALS's rank, reg_param, alpha and confidence chosen by nDCG@10 on
     a validation fold of `train`; trials holds every setting tried with its score and seconds."""
-    from .als import fit_implicit, recommend_unseen
-    from .evaluation import ranking_metrics
+    from .als import fit_implicit, ndcg_users, unseen_ndcg
 
     t = cfg.tune
     fit_part, held = validation_fold(train, seed, t.validation_ratio, t.min_user_ratings)
     fit_part, held = fit_part.cache(), held.cache()
     log.info("tune: implicit ALS on %d fit ratings, %d held out (validation fold of train)",
              fit_part.count(), held.count())
+    # Who is scored, what they rated and what they hold out: the same for every candidate.
+    users = ndcg_users(fit_part, held).cache()
+
     def score(setting: dict) -> tuple[float, dict]:
         t0 = time.perf_counter()
         model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update=setting), seed)
-        recs = recommend_unseen(model, fit_part, 10)
-        ndcg = next(v for m, k, v in ranking_metrics(recs, held, ks=(10,)) if m == "ndcg")
-        recs.unpersist()
+        ndcg, n_users = unseen_ndcg(model, users, 10)
+        if n_users == 0:
+            raise ValueError("tune: no user has a held-out rating in the validation fold")
         trial = {**setting, "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)}
         log.info("tune: implicit ALS %s: validation nDCG@10 %.4f (%.1f s)", setting, ndcg, trial["seconds"])
         return ndcg, trial
@@ -169,6 +171,7 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
     finally:
         fit_part.unpersist()
         held.unpersist()
+        users.unpersist()
     log.info("tune: implicit ALS chose %s (validation nDCG@10 %.4f) after %d fits", best, best_score, len(trials))
     return best, trials
 

@@ -260,6 +260,45 @@ def test_the_numpy_pass_masks_what_each_user_rated_and_scores_like_mllib(spark, 
     train.unpersist()
 
 
+def test_unseen_ndcg_scores_the_lists_ranking_metrics_scores_in_one_job(spark, monkeypatch):
+    """Tuning's one-job nDCG@k: by hand on factors with ties at the cut (the lower movieId wins,
+    as top_n_per_user orders), a held-out movie the model never saw, a user the model has no
+    factors for (0) and a user with nothing held out (not counted); and equal to
+    ranking_metrics(recommend_unseen(...)) on a fitted model."""
+    import math
+
+    from pyspark.ml.recommendation import ALS
+
+    from movierec_spark import als as A
+    from movierec_spark.evaluation import ranking_metrics
+
+    monkeypatch.setattr(A, "NUMPY_USER_CHUNK", 2)  # several chunks per batch
+    fs = "id int, features array<float>"
+    items = spark.createDataFrame([(10, [5.0, 0.0]), (11, [4.0, 1.0]), (12, [3.0, 0.0]), (13, [3.0, 5.0]),
+                                   (14, [1.0, 0.0]), (15, [0.0, 9.0])], fs)
+    users = spark.createDataFrame([(1, [1.0, 0.0]), (2, [0.0, 1.0]), (3, [1.0, 1.0]), (5, [1.0, 0.0])], fs)
+    model = A.als_model_from_factors(users, items, 2, "userId", "movieId")
+    seen = spark.createDataFrame([(1, 10), (3, 15), (3, 13), (5, 11)], "userId int, movieId int")
+    held = spark.createDataFrame([(1, 13), (2, 13), (2, 11), (2, 99), (3, 11), (4, 10)], "userId int, movieId int")
+    got, n = A.unseen_ndcg(model, A.ndcg_users(seen, held), 2)
+    # 1: unseen 11 (4), then 12 and 13 tie at 3: 12 is listed, 13 (held) is not -> 0.
+    # 2: 15, 13 -> 13 at position 2 of an ideal 2.  3: 10 and 11 tie at 5 -> 11 at position 2 of an ideal 1.
+    # 4: no factors -> 0.  5: nothing held -> not scored.
+    want = (0 + (1 / math.log(3)) / (1 / math.log(2) + 1 / math.log(3)) + math.log(2) / math.log(3) + 0) / 4
+    assert n == 4 and got == pytest.approx(want, abs=1e-12)
+
+    train = synthetic(spark, users=40, movies=120, seed=14).select("userId", "movieId", "rating")
+    fit, out = train.where(F.col("movieId") % 4 != 0).cache(), train.where(F.col("movieId") % 4 == 0)
+    fitted = ALS(rank=4, maxIter=4, regParam=0.1, userCol="userId", itemCol="movieId", ratingCol="rating",
+                 seed=1).fit(fit)
+    recs = A.recommend_unseen(fitted, fit, 5)
+    want = next(v for m, k, v in ranking_metrics(recs, out, ks=(5,)) if m == "ndcg")
+    got, n = A.unseen_ndcg(fitted, A.ndcg_users(fit, out), 5)
+    assert n == out.select("userId").distinct().count() and got == pytest.approx(want, abs=1e-12)
+    recs.unpersist()
+    fit.unpersist()
+
+
 @pytest.mark.parametrize("listing", ["numpy", "mllib"])
 def test_recommend_unseen_for_a_user_subset_equals_the_full_lists(spark, monkeypatch, listing):
     """The ranker lists candidates for a sample of users only: those users' lists must be the
