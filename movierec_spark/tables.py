@@ -248,7 +248,7 @@ def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: 
     dt = DeltaTable.forPath(spark, path)
     if delete_missing:
         return _replace_rows(dt, src, name, keys)
-    if dt.detail().select("numFiles").first()[0] == 0:
+    if _never_written(dt):
         # A fresh table: a plain append, no join against nothing.
         src.write.format("delta").mode("append").save(path)
         m = dt.history(1).select("operationMetrics").first()[0] or {}
@@ -277,6 +277,16 @@ def upsert(spark: SparkSession, df: DataFrame, warehouse: str, name: str, keys: 
     stats = {"inserted": int(m.get("numTargetRowsInserted", 0)), "updated": int(m.get("numTargetRowsUpdated", 0))}
     log.info("%s: merged %s", name, stats)
     return stats
+
+
+def _never_written(dt: DeltaTable) -> bool:
+    """Whether the table's only commit is its creation (ensure_table's, which adds no file).
+
+    Read from the newest commit's history entry, not from dt.detail()'s numFiles: detail builds
+    the table's whole snapshot, about 0.8 s per call on a warm session here (5.7 s on the first),
+    against 0.16 s for one history entry; each run and each ingest asks it of several tables."""
+    last = dt.history(1).select("version", "operation").first()
+    return last is not None and last["version"] == 0 and last["operation"] in ("CREATE TABLE", "CREATE OR REPLACE TABLE")
 
 
 def _replace_rows(dt: DeltaTable, src: DataFrame, name: str, keys: list[str]) -> dict:
