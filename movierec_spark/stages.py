@@ -182,8 +182,8 @@ def content_stage(ctx: RunContext) -> dict:
     # Ties among equal similarities go to the movie with more train ratings (never a test one).
     pop = split_frames(ctx)[0].groupBy("movieId").agg(F.count(F.lit(1)).alias("n")) if has_split else None
     vectors = movie_vectors(movies, optional_table(ctx, "tags"), optional_table(ctx, "genome"), c, pop).cache()
-    n = vectors.count()
-    empty = vectors.where(~F.col("has_content")).count()
+    # One job for both figures (it also fills the cache the neighbour search reads).
+    n, empty = vectors.agg(F.count(F.lit(1)), F.count(F.when(~F.col("has_content"), 1))).first()
     method = neighbour_method(c.method, n, c.exact_max_movies)
     write_run_table(ctx, "similar_movies", movie_neighbours(vectors, c, method, ctx.cfg.pipeline.seed))
     vectors.unpersist()
@@ -405,9 +405,10 @@ def recommend_stage(ctx: RunContext) -> dict:
         rated = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("movieId").distinct()
         cached.append(ranked)
         ranked = materialize(new_movie_slots(ranked, lists, rated, r.new_movie_slots, n, n_eval))
-    out = {"users": ranked.select("userId").distinct().count(),
-           "new_users": 0 if new is None else new.count(),
-           "users_short_of_n": ranked.groupBy("userId").agg(F.max("rank").alias("m")).where(F.col("m") < n).count()}
+    # The stage record's user counts in one job over the lists (they were two).
+    users, short = (ranked.groupBy("userId").agg(F.max("rank").alias("m"))
+                    .agg(F.count(F.lit(1)), F.count(F.when(F.col("m") < n, 1))).first())
+    out = {"users": users, "new_users": 0 if new is None else new.count(), "users_short_of_n": short}
     if validation:
         out["validation"] = {f"{m}@{k}": round(v, 4) for m, k, v in validation if k == 10 and m in ("precision", "ndcg")}
     out.update(tuned)
