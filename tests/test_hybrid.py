@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -278,3 +279,21 @@ def test_gbt_input_is_a_checkpoint_of_the_same_rows_in_the_fixed_layout(spark):
         keys = [(r.userId, r.movieId) for r in part]
         assert keys == sorted(keys)
     release(out)
+
+
+def test_the_stage_records_count_what_the_tables_hold(hybrid_run):
+    # The content and recommend stages' record figures come from one aggregation each: they must
+    # still be the figures the written tables give.
+    spark, cfg, ctx = hybrid_run
+    wh = cfg.paths.warehouse
+    rec = {r.stage: json.loads(r.result) for r in
+           tables.read_table(spark, wh, "run_stages").where(f"run_id = '{ctx.run_id}'").collect()}
+    lists = tables.read_table(spark, wh, "top_n").where(f"run_id = '{ctx.run_id}' AND model = 'hybrid'")
+    per_user = {r.userId: r.m for r in lists.groupBy("userId").agg(F.max("rank").alias("m")).collect()}
+    assert rec["recommend"]["users"] == len(per_user) > 0
+    assert rec["recommend"]["users_short_of_n"] == sum(m < cfg.evaluation.top_n for m in per_user.values())
+    movies = tables.read_table(spark, wh, "movies").count()
+    with_neighbours = (tables.read_table(spark, wh, "similar_movies").where(f"run_id = '{ctx.run_id}'")
+                       .select("movieId").distinct().count())
+    assert rec["content"]["movies"] == movies
+    assert 0 <= rec["content"]["without_content"] <= movies - with_neighbours

@@ -359,3 +359,22 @@ def test_genome_files_join_into_genome_table(spark, tmp_path):
         (4, "bad_rating"), (5, "unknown_tag"), (6, "unknown_movie"),
     ]
     assert summary["genome-scores.csv"]["input"] == 5
+
+
+def test_upsert_appends_into_a_table_only_created_and_merges_afterwards(spark, tmp_path):
+    # A table ensure_table created and nobody wrote to takes a plain append (no MERGE against
+    # nothing); once written, rows are merged by key.
+    from delta.tables import DeltaTable
+
+    wh = str(tmp_path / "wh")
+    path = tables.ensure_table(spark, wh, "latest")
+    dt_ = DeltaTable.forPath(spark, path)
+    assert tables._never_written(dt_)
+    at = dt.datetime(2026, 1, 1)
+    rows = spark.createDataFrame([("recommendations", "r1", 3, at)], schema=tables.TABLE_SCHEMAS["latest"])
+    assert tables.upsert(spark, rows, wh, "latest") == {"inserted": 1, "updated": 0}
+    assert dt_.history(1).first()["operation"] == "WRITE" and not tables._never_written(dt_)
+    newer = spark.createDataFrame([("recommendations", "r2", 5, at)], schema=tables.TABLE_SCHEMAS["latest"])
+    assert tables.upsert(spark, newer, wh, "latest") == {"inserted": 0, "updated": 1}
+    assert dt_.history(1).first()["operation"] == "MERGE"
+    assert_df_equality(tables.read_table(spark, wh, "latest"), newer, ignore_nullable=True)
