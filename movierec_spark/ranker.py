@@ -275,17 +275,31 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0,
 
 def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4,
                subsample: float = 1.0, step: float = 0.1) -> PipelineModel:
-    gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
-                        subsamplingRate=subsample, stepSize=step)
-    from .features import gbt_input
     from .session import release
+
+    data = ranker_input(labelled)
+    model = fit_ranker_on(data, names, seed, max_iter, max_depth, subsample, step)
+    release(data)
+    return model
+
+
+def ranker_input(labelled: DataFrame) -> DataFrame:
+    """The ranker's training rows as its learner reads them (features.gbt_input: materialized in
+    the fixed layout); give it back with session.release."""
+    from .features import gbt_input
 
     data = gbt_input(labelled)
     rows, pos = data.agg(F.count(F.lit(1)), F.sum("label")).first()  # one job on the materialized rows
     log.info("ranker: %d training candidates, %d of them held out", rows, int(pos or 0))
-    model = Pipeline(stages=[VectorAssembler(inputCols=names, outputCol="x"), gbt]).fit(data)
-    release(data)
-    return model
+    return data
+
+
+def fit_ranker_on(data: DataFrame, names: list[str], seed: int, max_iter: int = 30, max_depth: int = 4,
+                  subsample: float = 1.0, step: float = 0.1) -> PipelineModel:
+    """The ranker fitted on `data` (ranker_input's rows)."""
+    gbt = GBTClassifier(featuresCol="x", labelCol="label", maxIter=max_iter, maxDepth=max_depth, seed=seed,
+                        subsamplingRate=subsample, stepSize=step)
+    return Pipeline(stages=[VectorAssembler(inputCols=names, outputCol="x"), gbt]).fit(data)
 
 
 def rank_scores(model: PipelineModel, feats: DataFrame) -> DataFrame:
@@ -440,10 +454,12 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
     one only when its mean per-user nDCG@10 gain over it exceeds tune.ranker_z standard errors
     of the per-user differences (evaluation.paired_gain): a gain within the noise keeps the
     configured value."""
+    import threading
     import time
 
     from .baselines import top_n_per_user
     from .evaluation import paired_gain, user_ndcg
+    from .session import release
     from .tune import coordinate_search
 
     h, t, seed = cfg.hybrid, cfg.tune, cfg.pipeline.seed
@@ -452,12 +468,24 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
     pools = sorted({pool, *(p for p in t.ranker_pools if floor <= p <= pool)})
     depths = sorted({h.ranker_max_depth, *t.ranker_depths})
     fitted: dict[tuple, PipelineModel] = {}
+    # One training input per pool, laid out by whichever of its trials asks first (a lock per
+    # pool: another pool's trial does not wait), shared by the pool's depth trials. gbt_input
+    # fixes the rows' layout, so each trial fits the same model it fitted from a copy of its own;
+    # on ml-latest-small three of the four trials use pool 100, and two layouts (a sort and a
+    # checkpoint each, plus a counting job) are saved.
+    inputs: dict[int, DataFrame] = {}
+    locks = {p: threading.Lock() for p in pools}
+
+    def rows_of(p: int) -> DataFrame:
+        with locks[p]:
+            if p not in inputs:
+                inputs[p] = ranker_input(within_pool(labelled, models, pool, p).where(~is_val))
+            return inputs[p]
 
     def evaluate(setting: dict):
         t0 = time.perf_counter()
         p, d = setting["candidate_pool"], setting["ranker_max_depth"]
-        rows = within_pool(labelled, models, pool, p)
-        model = fit_ranker(rows.where(~is_val), names, seed, h.ranker_max_iter, d, h.ranker_subsample)
+        model = fit_ranker_on(rows_of(p), names, seed, h.ranker_max_iter, d, h.ranker_subsample)
         vfeats = within_pool(feats.where(is_val), models, pool, p)
         lists = top_n_per_user(rank_scores(model, vfeats), 10, score=F.col("p"))
         per_user = user_ndcg(lists, vheld, 10, cfg.evaluation.relevance_threshold).cache()
@@ -490,6 +518,8 @@ def choose_ranker(feats: DataFrame, labelled: DataFrame, is_val, vheld: DataFram
     finally:
         for frame in per:
             frame.unpersist()
+        for data in inputs.values():
+            release(data)
     for tr in trials:  # each challenger's paired gain over the setting it was compared with
         tr.update(decided.get((tr["candidate_pool"], tr["ranker_max_depth"]), {}))
     log.info("tune: ranker chose pool %d, depth %d (validation nDCG@10 %.4f; a challenger is kept above "

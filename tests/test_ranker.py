@@ -148,3 +148,30 @@ def test_knn_scores_in_numpy_equal_the_spark_join(spark, monkeypatch):
     assert want.count() > 150  # the random set exercises the scoring
     assert_approx_df_equality(got, want, 1e-9, ignore_row_order=True, ignore_nullable=True)
     assert ranker.knn_scores(cands.limit(0), hist, nb).isEmpty()
+
+
+def test_rankers_fitted_from_one_shared_input_equal_rankers_fitted_from_their_own(spark):
+    # choose_ranker lays a pool's training rows out once (ranker_input) and fits each depth's
+    # trial from them: every such ranker must be the one fit_ranker fits from the rows alone.
+    from chispa import assert_df_equality
+
+    from movierec_spark.ranker import fit_ranker, fit_ranker_on, rank_scores, ranker_input
+    from movierec_spark.session import release
+
+    rows = spark.range(400).select(
+        (F.col("id") % 40).cast("int").alias("userId"), F.col("id").cast("int").alias("movieId"),
+        ((F.col("id") * 7) % 11).cast("double").alias("a"), ((F.col("id") * 13) % 17).cast("double").alias("b"))
+    labelled = rows.withColumn("label", ((F.col("a") + F.col("b") + F.col("movieId") % 3) > 14).cast("double"))
+    names = ["a", "b"]
+    shared = ranker_input(labelled)
+    try:
+        for depth in (2, 3):
+            own = rank_scores(fit_ranker(labelled, names, 7, 5, depth), rows).orderBy("movieId")
+            from_shared = rank_scores(fit_ranker_on(shared, names, 7, 5, depth), rows).orderBy("movieId")
+            assert_df_equality(from_shared, own)
+        # A tree of another depth is another model: the comparison above can tell models apart.
+        two = rank_scores(fit_ranker_on(shared, names, 7, 5, 2), rows).orderBy("movieId")
+        three = rank_scores(fit_ranker_on(shared, names, 7, 5, 3), rows).orderBy("movieId")
+        assert two.exceptAll(three).count() > 0
+    finally:
+        release(shared)
