@@ -421,6 +421,10 @@ def metrics_frame(spark: SparkSession, run_id: str, model: str, split: str,
     return spark.createDataFrame(data, METRICS_SCHEMA)
 
 
+# How many models' metrics evaluate_run computes at a time.
+EVALUATE_WORKERS = 4
+
+
 def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFrame | None, train: DataFrame | None,
                  test: DataFrame | None, n_items: int, cfg, similarity: DataFrame | None
                  ) -> tuple[DataFrame | None, dict[str, list[MetricRow]]]:
@@ -428,17 +432,39 @@ def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFr
     model) of a run: rating metrics of every model in `preds` (model, rating, prediction) and
     ranking metrics of every model in `top` (model, userId, movieId, rank) against `test`.
     Runs Spark jobs (one per model and metric family); `cfg`: the evaluation config."""
-    rows_by_model: dict[str, list[MetricRow]] = {}
-    for model in sorted(r.model for r in preds.select("model").distinct().collect()):
-        p = preds.where(F.col("model") == model)
-        rows_by_model.setdefault(model, []).extend((m, None, v) for m, v in rating_metrics(p).items())
-    if top is not None:
-        for model in sorted(r.model for r in top.select("model").distinct().collect()):
+    from .session import run_concurrently
+
+    rated = sorted(r.model for r in preds.select("model").distinct().collect())
+    ranked = sorted(r.model for r in top.select("model").distinct().collect()) if top is not None else []
+    got: dict[tuple[str, str], list[MetricRow]] = {}
+
+    def rating(model: str):
+        def run():
+            got[("rating", model)] = [(m, None, v) for m, v in rating_metrics(
+                preds.where(F.col("model") == model)).items()]
+        return run
+
+    def ranking(model: str):
+        def run():
             recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
-            rows_by_model.setdefault(model, []).extend(evaluate_ranking_model(
+            got[("ranking", model)] = list(evaluate_ranking_model(
                 recs, test, train, n_items, ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
                 similarity=similarity))
             recs.unpersist()
+        return run
+
+    # Each model's metrics are a chain of small jobs (an ml-latest-small evaluate run: about 1 s
+    # per model's rating metrics, 5 s per model's lists, 30 s one after another), and no model's
+    # depend on another's: side by side, a few at a time, they fill each other's idle gaps. The
+    # longer ones are started first.
+    jobs = {f"ranking {m}": ranking(m) for m in ranked}
+    jobs.update({f"rating {m}": rating(m) for m in rated})
+    run_concurrently(spark, jobs, {}, workers=EVALUATE_WORKERS)
+    # In the order one model after another gave them: rating models, then ranking models, each sorted.
+    rows_by_model: dict[str, list[MetricRow]] = {}
+    for family, models in (("rating", rated), ("ranking", ranked)):
+        for model in models:
+            rows_by_model.setdefault(model, []).extend(got[(family, model)])
     frames = [metrics_frame(spark, run_id, m, "test", rows) for m, rows in rows_by_model.items()]
     if not frames:
         return None, rows_by_model
