@@ -426,43 +426,27 @@ def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int
     if movie_ids is None:
         raise ValueError(f"{layout.root}: no movies file and no known movies to check movie ids against")
 
-    def ratings() -> None:
-        df = check_ratings(lines_of(f["ratings"]), f["ratings"], layout, now)
-        df = reject_unknown(df, movie_ids, "movieId", "unknown_movie")
-        # Keep the latest rating of a (user, movie); ties go to the later line.
-        finish("ratings", reject_duplicates(
-            df, ["userId", "movieId"], [F.col("rated_at").desc(), F.col("line").desc()]
-        ))
-
-    def tags() -> None:
-        df = reject_unknown(check_tags(lines_of(f["tags"]), f["tags"], now), movie_ids, "movieId", "unknown_movie")
+    ratings = check_ratings(lines_of(f["ratings"]), f["ratings"], layout, now)
+    ratings = reject_unknown(ratings, movie_ids, "movieId", "unknown_movie")
+    # Keep the latest rating of a (user, movie); ties go to the later line.
+    finish("ratings", reject_duplicates(
+        ratings, ["userId", "movieId"], [F.col("rated_at").desc(), F.col("line").desc()]
+    ))
+    if "tags" in f:
+        tags = reject_unknown(check_tags(lines_of(f["tags"]), f["tags"], now), movie_ids, "movieId", "unknown_movie")
         finish("tags", reject_duplicates(
-            df, ["userId", "movieId", "tag"], [F.col("tagged_at").desc(), F.col("line").desc()]
+            tags, ["userId", "movieId", "tag"], [F.col("tagged_at").desc(), F.col("line").desc()]
         ))
-
-    def users() -> None:
+    if "users" in f:
         finish("users", reject_duplicates(
             check_users(lines_of(f["users"]), f["users"], layout), ["userId"], [F.col("line").desc()]
         ))
-
-    def links() -> None:
-        df = reject_unknown(check_links(lines_of(f["links"]), f["links"]), movie_ids, "movieId", "unknown_movie")
-        finish("links", reject_duplicates(df, ["movieId"], [F.col("line").desc()]))
-
-    def genome_tags() -> None:
+    if "links" in f:
+        links = reject_unknown(check_links(lines_of(f["links"]), f["links"]), movie_ids, "movieId", "unknown_movie")
+        finish("links", reject_duplicates(links, ["movieId"], [F.col("line").desc()]))
+    if "genome_tags" in f:
         gt = check_genome_tags(lines_of(f["genome_tags"]), f["genome_tags"])
         finish("genome_tags", reject_duplicates(gt, ["tagId"], [F.col("line").desc()]))
-
-    # The files after movies depend on it alone (their movie ids), not on each other: checked
-    # side by side, since a small file's check is mostly job latency that leaves the cores idle
-    # (ml-latest-small: ratings, tags and links took 6, 3 and 3 s one after another). The genome
-    # scores, the one large file besides ratings, wait for these: two large window sorts at once
-    # would compete for the same execution memory.
-    from .session import run_concurrently
-
-    steps = {"ratings": ratings, "tags": tags, "users": users, "links": links, "genome_tags": genome_tags}
-    run_concurrently(spark, {role: fn for role, fn in steps.items() if role == "ratings" or role in f}, {})
-    if "genome_tags" in f:
         gs = check_genome_scores(lines_of(f["genome_scores"]), f["genome_scores"])
         gs = reject_unknown(gs, movie_ids, "movieId", "unknown_movie")
         gs = reject_unknown(gs, checked["genome_tags"].loaded().select("tagId"), "tagId", "unknown_tag")
@@ -470,9 +454,7 @@ def check_dataset(spark: SparkSession, layout: Layout, whole_file_max_bytes: int
         # The genome table carries the tag text, so analysts need no second join.
         gs = gs.join(checked["genome_tags"].loaded().select("tagId", "tag"), on="tagId", how="left")
         finish("genome_scores", gs)
-    # In the files' fixed order, whichever finished first: what reads `checked` in order (the
-    # threshold's "most came from") reads the same thing every run.
-    return {role: checked[role] for role in INGEST_ORDER if role in checked}
+    return checked
 
 
 def enforce_threshold(checked: dict[str, CheckedFile], threshold: float) -> None:

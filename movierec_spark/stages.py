@@ -243,25 +243,21 @@ def features_stage(ctx: RunContext) -> dict:
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
                              batched=h.batched_passes, users=users, whole_nb=whole_nb, ranker_nb=ranker_nb)
-    from .session import release, run_concurrently
+    write_run_table(ctx, "features", labelled_rows(passes, results))
+    from .session import release
 
-    # The features table and the neighbour tables the recommend stage reads are written side by
-    # side: each is already computed (materialized), so a write is a file commit's driver-side
-    # latency more than work (ml-latest-small: 11 s one after another).
-    writes = {"features": lambda: write_run_table(ctx, "features", labelled_rows(passes, results))}
     if whole_nb:
         path = model_path(ctx, "neighbours")
         for kind, df in whole_nb.items():
-            writes[f"neighbours {kind}"] = lambda df=df, kind=kind: df.write.mode("overwrite").parquet(f"{path}/{kind}")
+            df.write.mode("overwrite").parquet(f"{path}/{kind}")
+            release(df)
         out["neighbours_path"] = path
     if ranker_nb:
-        rpath = model_path(ctx, "ranker_neighbours")
-        writes["ranker_neighbours"] = lambda: ranker_nb["table"].write.mode("overwrite").parquet(rpath)
-        out["ranker_neighbours"] = {"path": rpath, "neighbours": h.ranker_knn_neighbours,
+        path = model_path(ctx, "ranker_neighbours")
+        ranker_nb["table"].write.mode("overwrite").parquet(path)
+        release(ranker_nb["table"])
+        out["ranker_neighbours"] = {"path": path, "neighbours": h.ranker_knn_neighbours,
                                     "cap": h.cap_per_user, "folds": h.folds}
-    run_concurrently(spark, writes, {})
-    for df in [*(whole_nb or {}).values(), *([ranker_nb["table"]] if ranker_nb else [])]:
-        release(df)
     # Once each: a batched result stands for every out-of-fold pass (a second release of its
     # checkpoint makes the block manager warn about blocks already gone).
     for df in {id(d): d for d in results + [train, test]}.values():
