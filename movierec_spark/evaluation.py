@@ -431,7 +431,8 @@ def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFr
     """(metrics rows with split 'test', or None when there is nothing to evaluate; the rows by
     model) of a run: rating metrics of every model in `preds` (model, rating, prediction) and
     ranking metrics of every model in `top` (model, userId, movieId, rank) against `test`.
-    Runs Spark jobs (one per model and metric family); `cfg`: the evaluation config."""
+    Runs Spark jobs (per model and metric family, EVALUATE_WORKERS models at a time); `cfg`: the
+    evaluation config."""
     from .session import run_concurrently
 
     rated = sorted(r.model for r in preds.select("model").distinct().collect())
@@ -447,10 +448,12 @@ def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFr
     def ranking(model: str):
         def run():
             recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
-            got[("ranking", model)] = list(evaluate_ranking_model(
-                recs, test, train, n_items, ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
-                similarity=similarity))
-            recs.unpersist()
+            try:
+                got[("ranking", model)] = list(evaluate_ranking_model(
+                    recs, test, train, n_items, ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
+                    similarity=similarity))
+            finally:  # another model's failure must not leave this one's lists cached
+                recs.unpersist()
         return run
 
     # Each model's metrics are a chain of small jobs (an ml-latest-small evaluate run: about 1 s

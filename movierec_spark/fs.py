@@ -23,8 +23,8 @@ class HadoopPath:
         from pyspark.sql import SparkSession
 
         self.uri = uri.rstrip("/")
-        # The active session is per thread: a worker thread (ingest checks its files side by
-        # side) has none, so fall back to the process's session.
+        # The active session is per thread: a worker thread (a stage run beside another, a
+        # search's trial) has none, so fall back to the process's session.
         self._spark = spark or SparkSession.getActiveSession() or SparkSession._instantiatedSession
         if self._spark is None:
             raise RuntimeError(f"{uri}: reading an object-store path needs a running SparkSession")

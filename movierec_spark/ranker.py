@@ -278,9 +278,10 @@ def fit_ranker(labelled: DataFrame, names: list[str], seed: int, max_iter: int =
     from .session import release
 
     data = ranker_input(labelled)
-    model = fit_ranker_on(data, names, seed, max_iter, max_depth, subsample, step)
-    release(data)
-    return model
+    try:
+        return fit_ranker_on(data, names, seed, max_iter, max_depth, subsample, step)
+    finally:
+        release(data)
 
 
 def ranker_input(labelled: DataFrame) -> DataFrame:
