@@ -1,9 +1,9 @@
 """Offline evaluation: rating accuracy, top-k ranking quality, coverage, novelty, diversity.
 
-Everything runs as DataFrame jobs; only the final scalar metrics reach the driver. MLlib's
-RegressionEvaluator computes RMSE, MAE and R²; the ranking metrics follow MLlib RankingMetrics'
-definitions, written as array expressions in one aggregation (a test holds them to
-RankingEvaluator's values); hit rate, MRR@k, MAPE and the beyond-accuracy metrics are DataFrame
+Everything runs as DataFrame jobs; only the final scalar metrics reach the driver. RMSE, MAE
+and R² follow MLlib's RegressionEvaluator and the ranking metrics MLlib RankingMetrics'
+definitions, each family written as one aggregation over every model (tests hold them to the
+evaluators' values); hit rate, MRR@k, MAPE and the beyond-accuracy metrics are DataFrame
 aggregations too (no Python UDFs).
 
 Conventions shared by every function taking `recs` (userId, movieId, rank):
@@ -23,7 +23,6 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 
-from pyspark.ml.evaluation import RegressionEvaluator
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -55,7 +54,8 @@ MLLIB_RANKING = {
 # ----------------------------------------------------------------------------- rating metrics
 
 def rating_metrics(pred: DataFrame, label_col: str = "rating", pred_col: str = "prediction") -> dict[str, float]:
-    """RMSE, MAE, R² (MLlib RegressionEvaluator) and MAPE of predicted ratings.
+    """RMSE, MAE, R² and MAPE of predicted ratings, as MLlib's RegressionEvaluator defines the
+    first three (a test holds them to its values).
 
     MAPE = mean(|r - p| / |r|) over the rows with r != 0 (NaN if there are none; MovieLens
     ratings are never 0). R² is MLlib's: 1 - SS_res / SS_tot.
@@ -64,38 +64,52 @@ def rating_metrics(pred: DataFrame, label_col: str = "rating", pred_col: str = "
     pair must be predicted upstream (e.g. ALS with coldStartStrategy="nan" plus a fallback), and
     silently dropping them would flatter the model.
     """
-    # Only two columns are needed; cached because four passes read them (check + 3 evaluators)
-    # and `pred` is usually a model's transform output.
-    df = pred.select(F.col(label_col).cast("double").alias("label"),
-                     F.col(pred_col).cast("double").alias("prediction")).persist()
-    try:
-        def bad(c: str):
-            return F.col(c).isNull() | F.isnan(c)
+    df = pred.select(F.lit("").alias("model"), F.col(label_col).alias("label"), F.col(pred_col).alias("prediction"))
+    got = rating_metrics_by_model(df, label_col, pred_col)
+    if not got:
+        raise ValueError("rating_metrics: no rows to evaluate")
+    return got[""]
 
-        nonzero = F.col("label") != 0
-        s = df.agg(
-            F.count(F.lit(1)).alias("n"),
-            F.sum(F.when(bad("prediction"), 1).otherwise(0)).alias("bad_pred"),
-            F.sum(F.when(bad("label"), 1).otherwise(0)).alias("bad_label"),
-            F.avg(F.when(nonzero, F.abs(F.col("label") - F.col("prediction")) / F.abs(F.col("label"))))
-            .alias("mape"),
-        ).first()
-        if s["n"] == 0:
-            raise ValueError("rating_metrics: no rows to evaluate")
+
+def rating_metrics_by_model(preds: DataFrame, label_name: str = "rating", pred_name: str = "prediction"
+                            ) -> dict[str, dict[str, float]]:
+    """rating_metrics of every model in `preds` (model, label, prediction) in one aggregation
+    (one job for all models, where three MLlib evaluators and a check were four per model):
+    {model: {rmse, mae, r2, mape}}. The names are the caller's column names, for its errors."""
+    def bad(c: str):
+        return F.col(c).isNull() | F.isnan(c)
+
+    label, predicted = F.col("label").cast("double"), F.col("prediction").cast("double")
+    err = label - predicted
+    rows = preds.groupBy("model").agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.when(bad("prediction"), 1).otherwise(0)).alias("bad_pred"),
+        F.sum(F.when(bad("label"), 1).otherwise(0)).alias("bad_label"),
+        F.avg(F.when(label != 0, F.abs(err) / F.abs(label))).alias("mape"),
+        F.avg(err * err).alias("mse"),
+        F.avg(F.abs(err)).alias("mae"),
+        F.sum(err * err).alias("ss_res"),
+        # SS_tot as a numerically stable variance (n - 1 times the sample variance), as MLlib's.
+        (F.var_samp(label) * (F.count(F.lit(1)) - 1)).alias("ss_tot"),
+    ).collect()
+    out = {}
+    for s in sorted(rows, key=lambda r: r["model"]):
+        who = f" (model {s['model']})" if s["model"] else ""
         if s["bad_pred"]:
-            raise ValueError(f"rating_metrics: {s['bad_pred']:,} of {s['n']:,} rows have a null or NaN "
-                             f"'{pred_col}'; every test pair must be predicted upstream")
+            raise ValueError(f"rating_metrics: {s['bad_pred']:,} of {s['n']:,} rows{who} have a null or NaN "
+                             f"'{pred_name}'; every test pair must be predicted upstream")
         if s["bad_label"]:
-            raise ValueError(f"rating_metrics: {s['bad_label']:,} of {s['n']:,} rows have a null or NaN "
-                             f"'{label_col}'")
-        out = {}
-        for name in ("rmse", "mae", "r2"):
-            ev = RegressionEvaluator(labelCol="label", predictionCol="prediction", metricName=name)
-            out[name] = float(ev.evaluate(df))
-        out["mape"] = float(s["mape"]) if s["mape"] is not None else math.nan
-        return out
-    finally:
-        df.unpersist()
+            raise ValueError(f"rating_metrics: {s['bad_label']:,} of {s['n']:,} rows{who} have a null or NaN "
+                             f"'{label_name}'")
+        ss_tot = s["ss_tot"] if s["ss_tot"] is not None else 0.0
+        out[s["model"]] = {
+            "rmse": math.sqrt(s["mse"]),
+            "mae": float(s["mae"]),
+            # MLlib: 1 - SS_res / SS_tot, so a constant label (SS_tot 0) gives -inf or NaN as there.
+            "r2": 1.0 - s["ss_res"] / ss_tot if ss_tot else (math.nan if s["ss_res"] == 0 else -math.inf),
+            "mape": float(s["mape"]) if s["mape"] is not None else math.nan,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- ranking metrics
@@ -114,25 +128,29 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
     return out
 
 
-def _ranked(recs: DataFrame, max_k: int | None = None) -> DataFrame:
-    """(userId, movieId, pos): pos = 1-based position in the user's list ordered by (rank, movieId).
+def _ranked(recs: DataFrame, max_k: int | None = None, by: Sequence[str] = ()) -> DataFrame:
+    """(*by, userId, movieId, pos): pos = 1-based position in the user's list ordered by (rank,
+    movieId). `by`: columns that tell lists apart beyond the user (["model"]: many models' lists).
 
     Re-numbering makes ties and gaps in `rank` harmless; the window and a later groupBy on
     userId share one shuffle.
     """
-    w = Window.partitionBy("userId").orderBy(F.col("rank").asc(), F.col("movieId").asc())
-    df = recs.select("userId", "movieId", "rank").withColumn("pos", F.row_number().over(w))
+    keys = [*by, "userId"]
+    w = Window.partitionBy(*keys).orderBy(F.col("rank").asc(), F.col("movieId").asc())
+    df = recs.select(*keys, "movieId", "rank").withColumn("pos", F.row_number().over(w))
     if max_k is not None:
         df = df.filter(F.col("pos") <= max_k)
-    return df.select("userId", "movieId", "pos")
+    return df.select(*keys, "movieId", "pos")
 
 
 def _user_lists(ranked: DataFrame, test: DataFrame, max_k: int,
-                relevance_threshold: float | None) -> DataFrame:
+                relevance_threshold: float | None, models: DataFrame | None = None) -> DataFrame:
     """One row per evaluated user: (userId, pred array<double> in rank order, labels array<double>).
 
     Evaluated users are those with at least one relevant test item; a user without
-    recommendations gets an empty `pred`, so they score 0 rather than vanish.
+    recommendations gets an empty `pred`, so they score 0 rather than vanish. With `models` (one
+    row per model name), `ranked` holds every model's lists (a "model" column) and the rows are
+    (model, userId, pred, labels): every evaluated user once per model.
     """
     rel = test.select("userId", "movieId", "rating")
     if relevance_threshold is not None:
@@ -140,13 +158,16 @@ def _user_lists(ranked: DataFrame, test: DataFrame, max_k: int,
     labels = rel.groupBy("userId").agg(
         F.array_distinct(F.collect_list(F.col("movieId").cast("double"))).alias("labels"))
     # sort_array on (pos, movieId) structs restores list order after the unordered collect.
+    keys = ["userId"] if models is None else ["model", "userId"]
     preds = (ranked.filter(F.col("pos") <= max_k)
-             .groupBy("userId")
+             .groupBy(*keys)
              .agg(F.sort_array(F.collect_list(F.struct("pos", "movieId"))).alias("s"))
-             .select("userId", F.transform("s", lambda x: x["movieId"].cast("double")).alias("pred")))
+             .select(*keys, F.transform("s", lambda x: x["movieId"].cast("double")).alias("pred")))
+    if models is not None:
+        labels = models.crossJoin(labels)
     empty = F.array().cast(T.ArrayType(T.DoubleType()))
-    return (labels.join(preds, "userId", "left")
-            .select("userId", F.coalesce("pred", empty).alias("pred"), "labels"))
+    return (labels.join(preds, keys, "left")
+            .select(*keys, F.coalesce("pred", empty).alias("pred"), "labels"))
 
 
 # Per-user array expressions over _user_lists' rows (pred, labels), shared by ranking_metrics and
@@ -232,8 +253,17 @@ def ranking_metrics(recs: DataFrame, test: DataFrame, ks: Sequence[int] = (1, 5,
 
 def _ranking_metrics(ranked: DataFrame, test: DataFrame, ks: list[int],
                      relevance_threshold: float | None) -> list[MetricRow]:
+    return _ranking_metrics_by_model(ranked.withColumn("model", F.lit("")), test, ks, relevance_threshold,
+                                     [""])[""]
+
+
+def _ranking_metrics_by_model(ranked: DataFrame, test: DataFrame, ks: list[int],
+                              relevance_threshold: float | None, models: list[str]) -> dict[str, list[MetricRow]]:
+    """_ranking_metrics of every model in `ranked` (a "model" column; `models`: their names) in
+    one aggregation: {model: rows}."""
     max_k = max(ks)
-    lists = _user_lists(ranked, test, max_k, relevance_threshold)
+    names = ranked.sparkSession.createDataFrame([(m,) for m in models], "model string")
+    lists = _user_lists(ranked, test, max_k, relevance_threshold, names)
     # MLlib RankingMetrics' definitions, written as array expressions so that every metric at
     # every k is one aggregation over the users (MLlib's evaluator is a job per metric and k:
     # 16 per model). rel[i] = 1 when the (i+1)-th listed movie is relevant.
@@ -241,8 +271,8 @@ def _ranking_metrics(ranked: DataFrame, test: DataFrame, ks: list[int],
     prec = F.transform("rel", lambda x, i: x * _total(F.slice(F.col("rel"), 1, i + 1), 0) / (i + 1.0))
     # Position of the first relevant item in the list (null if none): hit_rate and mrr.
     first = F.array_min(F.transform("rel", lambda x, i: F.when(x == 1, i + 1)))
-    per_user = lists.select(_rel().alias("rel"), "labels").select(
-        "rel", _n_rel().alias("n_rel"), _gain().alias("gain"), prec.alias("prec"), first.alias("first"))
+    per_user = lists.select("model", _rel().alias("rel"), "labels").select(
+        "model", "rel", _n_rel().alias("n_rel"), _gain().alias("gain"), prec.alias("prec"), first.alias("first"))
     aggs = [F.count(F.lit(1)).alias("n_users")]
     for k in ks:
         hits = _total(F.slice(F.col("rel"), 1, k), 0)
@@ -254,25 +284,36 @@ def _ranking_metrics(ranked: DataFrame, test: DataFrame, ks: list[int],
                  F.avg(_total(F.slice(F.col("prec"), 1, k), 0.0) / ideal).alias(f"map_{k}"),
                  F.avg(F.when(hit, 1.0).otherwise(0.0)).alias(f"hit_rate_{k}"),
                  F.avg(F.when(hit, 1.0 / F.col("first")).otherwise(0.0)).alias(f"mrr_{k}")]
-    hand = per_user.agg(*aggs).first()
-    if hand["n_users"] == 0:
-        # MLlib would return NaN (a mean over no users): say why instead.
+    got = {r["model"]: r for r in per_user.groupBy("model").agg(*aggs).collect()}
+    if not got:
+        # Every model has a row for each evaluated user, so no row means no such user. MLlib
+        # would return NaN (a mean over no users): say why instead.
         thr = "" if relevance_threshold is None else f" with rating >= {relevance_threshold}"
         raise ValueError(f"ranking_metrics: no user has a test item{thr}; nothing to evaluate")
-    log.info("ranking metrics over %s users, k in %s", f"{hand['n_users']:,}", ks)
-    out: list[MetricRow] = [(name, k, float(hand[f"{name}_{k}"])) for k in ks for name in RANKING_METRICS]
-    return out
+    log.info("ranking metrics over %s users, k in %s", f"{next(iter(got.values()))['n_users']:,}", ks)
+    return {m: [(name, k, float(got[m][f"{name}_{k}"])) for k in ks for name in RANKING_METRICS] for m in models}
 
 
 # ----------------------------------------------------------------------------- beyond accuracy
 # Internal versions take the output of `_ranked` and a list of ks, and answer every k in one job.
 
+def _by_model(rows, models: list[str], ks: list[int], prefix: str, value, empty: float) -> dict[str, dict[int, float]]:
+    """{model: {k: value(row[prefix + k])}} from one aggregated row per model (`rows`, grouped by
+    "model"); a model without rows (an empty list) gets `empty` at every k."""
+    got = {r["model"]: r for r in rows}
+    return {m: {k: value(got[m][f"{prefix}{k}"]) if m in got else empty for k in ks} for m in models}
+
+
 def _coverage(ranked: DataFrame, n_items: int, ks: list[int]) -> dict[int, float]:
+    return _coverage_by_model(ranked.withColumn("model", F.lit("")), n_items, ks, [""])[""]
+
+
+def _coverage_by_model(ranked: DataFrame, n_items: int, ks: list[int], models: list[str]) -> dict[str, dict[int, float]]:
     if n_items <= 0:
         raise ValueError(f"coverage: n_items must be positive, got {n_items}")
-    row = ranked.agg(*[F.countDistinct(F.when(F.col("pos") <= k, F.col("movieId"))).alias(f"c{k}")
-                       for k in ks]).first()
-    return {k: row[f"c{k}"] / n_items for k in ks}
+    rows = ranked.groupBy("model").agg(*[F.countDistinct(F.when(F.col("pos") <= k, F.col("movieId"))).alias(f"c{k}")
+                                         for k in ks]).collect()
+    return _by_model(rows, models, ks, "c", lambda v: v / n_items, 0.0)
 
 
 def coverage(recs: DataFrame, n_items: int, k: int) -> float:
@@ -281,15 +322,21 @@ def coverage(recs: DataFrame, n_items: int, k: int) -> float:
 
 
 def _novelty(ranked: DataFrame, train: DataFrame, ks: list[int]) -> dict[int, float]:
+    return _novelty_by_model(ranked.withColumn("model", F.lit("")), train, ks, [""])[""]
+
+
+def _novelty_by_model(ranked: DataFrame, train: DataFrame, ks: list[int], models: list[str]
+                      ) -> dict[str, dict[int, float]]:
     pop = train.groupBy("movieId").agg(F.countDistinct("userId").alias("n_i"))
     n_users = train.agg(F.countDistinct("userId").alias("n_users"))
     # An item nobody rated in train counts as rated by one user: finite, and maximally novel.
     # greatest(.., 1) only guards an empty train (0 users) against a division by zero.
     p = F.coalesce(F.col("n_i"), F.lit(1)) / F.greatest(F.col("n_users"), F.lit(1))
     info = (ranked.join(pop, "movieId", "left").crossJoin(n_users)
-            .select("pos", (-F.log2(p)).alias("info")))
-    row = info.agg(*[F.avg(F.when(F.col("pos") <= k, F.col("info"))).alias(f"n{k}") for k in ks]).first()
-    return {k: _float_or_nan(row[f"n{k}"]) for k in ks}
+            .select("model", "pos", (-F.log2(p)).alias("info")))
+    rows = info.groupBy("model").agg(*[F.avg(F.when(F.col("pos") <= k, F.col("info"))).alias(f"n{k}")
+                                       for k in ks]).collect()
+    return _by_model(rows, models, ks, "n", _float_or_nan, math.nan)
 
 
 def novelty(recs: DataFrame, train: DataFrame, k: int) -> float:
@@ -315,24 +362,30 @@ def _canonical_similarity(similarity: DataFrame) -> DataFrame:
             .groupBy("i", "j").agg(F.max("sim").alias("sim")))
 
 
-def _pairs(ranked: DataFrame) -> DataFrame:
-    """Unordered item pairs within each user's list: (userId, i, j, pos) with i < j and pos the
-    later of the two positions, so a pair belongs to the top k exactly when pos <= k."""
-    a = ranked.select("userId", F.col("movieId").alias("i"), F.col("pos").alias("pos_i"))
-    b = ranked.select("userId", F.col("movieId").alias("j"), F.col("pos").alias("pos_j"))
-    return (a.join(b, "userId").filter(F.col("i") < F.col("j"))
-            .select("userId", "i", "j", F.greatest("pos_i", "pos_j").alias("pos")))
+def _pairs(ranked: DataFrame, by: Sequence[str] = ()) -> DataFrame:
+    """Unordered item pairs within each user's list: (*by, userId, i, j, pos) with i < j and pos
+    the later of the two positions, so a pair belongs to the top k exactly when pos <= k."""
+    keys = [*by, "userId"]
+    a = ranked.select(*keys, F.col("movieId").alias("i"), F.col("pos").alias("pos_i"))
+    b = ranked.select(*keys, F.col("movieId").alias("j"), F.col("pos").alias("pos_j"))
+    return (a.join(b, keys).filter(F.col("i") < F.col("j"))
+            .select(*keys, "i", "j", F.greatest("pos_i", "pos_j").alias("pos")))
 
 
 def _diversity(ranked: DataFrame, similarity: DataFrame, ks: list[int]) -> dict[int, float]:
-    sims = _pairs(ranked).join(_canonical_similarity(similarity), ["i", "j"], "left")
+    return _diversity_by_model(ranked.withColumn("model", F.lit("")), similarity, ks, [""])[""]
+
+
+def _diversity_by_model(ranked: DataFrame, similarity: DataFrame, ks: list[int], models: list[str]
+                        ) -> dict[str, dict[int, float]]:
+    sims = _pairs(ranked, ["model"]).join(_canonical_similarity(similarity), ["i", "j"], "left")
     sim = F.coalesce(F.col("sim"), F.lit(0.0))  # a pair missing from `similarity` is dissimilar
     # Per user: mean pairwise similarity of the top-k list; null when the list has < 2 items
     # (no pair with pos <= k), so avg() below leaves those users out.
-    per_user = sims.groupBy("userId").agg(
+    per_user = sims.groupBy("model", "userId").agg(
         *[F.avg(F.when(F.col("pos") <= k, sim)).alias(f"s{k}") for k in ks])
-    row = per_user.agg(*[F.avg(1.0 - F.col(f"s{k}")).alias(f"d{k}") for k in ks]).first()
-    return {k: _float_or_nan(row[f"d{k}"]) for k in ks}
+    rows = per_user.groupBy("model").agg(*[F.avg(1.0 - F.col(f"s{k}")).alias(f"d{k}") for k in ks]).collect()
+    return _by_model(rows, models, ks, "d", _float_or_nan, math.nan)
 
 
 def diversity(recs: DataFrame, similarity: DataFrame, k: int) -> float:
@@ -346,9 +399,11 @@ def diversity(recs: DataFrame, similarity: DataFrame, k: int) -> float:
     return _diversity(_ranked(recs, k), similarity, [k])[k]
 
 
-def _cooccurrence_similarity(ranked: DataFrame, train: DataFrame, k: int) -> DataFrame:
+def _cooccurrence_similarity(ranked: DataFrame, train: DataFrame, k: int, by: Sequence[str] = ()) -> DataFrame:
+    # A pair's similarity depends on train alone: with many models' lists (`by`), one self-join
+    # serves the pairs any of them holds.
     top = ranked.filter(F.col("pos") <= k)
-    wanted = _pairs(top).select("i", "j").distinct()
+    wanted = _pairs(top, by).select("i", "j").distinct()
     # Only recommended items matter: shrinking train before the self-join keeps it small when
     # the lists concentrate on few (popular) items.
     items = top.select("movieId").distinct()
@@ -388,20 +443,32 @@ def evaluate_ranking_model(recs: DataFrame, test: DataFrame, train: DataFrame, n
     """All ranking rows for one model: ranking_metrics, then coverage, novelty and diversity at
     every k in ks. Diversity uses `similarity` if given, else cooccurrence_similarity on train
     (computed once for the longest cut, which holds every shorter cut's pairs)."""
+    return evaluate_ranking_models(recs.select(F.lit("").alias("model"), "userId", "movieId", "rank"), [""], test,
+                                   train, n_items, ks, relevance_threshold, similarity)[""]
+
+
+def evaluate_ranking_models(top: DataFrame, models: list[str], test: DataFrame, train: DataFrame, n_items: int,
+                            ks: Sequence[int] = (1, 5, 10, 20), relevance_threshold: float | None = None,
+                            similarity: DataFrame | None = None) -> dict[str, list[MetricRow]]:
+    """evaluate_ranking_model of every model in `top` (model, userId, movieId, rank; `models`:
+    the names, each listed once), all models in each Spark job: {model: rows}. Each metric
+    family is one aggregation grouped by model, where one model at a time cost about twenty
+    small jobs per model."""
     ks = _check_ks(ks)
     max_k = max(ks)
-    # Recs are read by every metric: rank them once and cache the cut.
-    ranked = _ranked(recs, max_k).persist()
+    # The lists are read by every metric: rank them once and cache the cut.
+    ranked = _ranked(top, max_k, ["model"]).persist()
     sim = None
     try:
-        rows = _ranking_metrics(ranked, test, ks, relevance_threshold)
+        rows = _ranking_metrics_by_model(ranked, test, ks, relevance_threshold, models)
         if similarity is None:
-            sim = _cooccurrence_similarity(ranked, train, max_k).persist()
-        cov = _coverage(ranked, n_items, ks)
-        nov = _novelty(ranked, train, ks)
-        div = _diversity(ranked, sim if sim is not None else similarity, ks)
-        for k in ks:
-            rows += [("coverage", k, cov[k]), ("novelty", k, nov[k]), ("diversity", k, div[k])]
+            sim = _cooccurrence_similarity(ranked, train, max_k, ["model"]).persist()
+        cov = _coverage_by_model(ranked, n_items, ks, models)
+        nov = _novelty_by_model(ranked, train, ks, models)
+        div = _diversity_by_model(ranked, sim if sim is not None else similarity, ks, models)
+        for m in models:
+            for k in ks:
+                rows[m] += [("coverage", k, cov[m][k]), ("novelty", k, nov[m][k]), ("diversity", k, div[m][k])]
         return rows
     finally:
         if sim is not None:
@@ -421,53 +488,26 @@ def metrics_frame(spark: SparkSession, run_id: str, model: str, split: str,
     return spark.createDataFrame(data, METRICS_SCHEMA)
 
 
-# How many models' metrics evaluate_run computes at a time.
-EVALUATE_WORKERS = 4
-
-
 def evaluate_run(spark: SparkSession, run_id: str, preds: DataFrame, top: DataFrame | None, train: DataFrame | None,
                  test: DataFrame | None, n_items: int, cfg, similarity: DataFrame | None
                  ) -> tuple[DataFrame | None, dict[str, list[MetricRow]]]:
     """(metrics rows with split 'test', or None when there is nothing to evaluate; the rows by
     model) of a run: rating metrics of every model in `preds` (model, rating, prediction) and
     ranking metrics of every model in `top` (model, userId, movieId, rank) against `test`.
-    Runs Spark jobs (per model and metric family, EVALUATE_WORKERS models at a time); `cfg`: the
-    evaluation config."""
-    from .session import run_concurrently
-
+    Every model's figures come from the same Spark jobs (rating_metrics_by_model,
+    evaluate_ranking_models); `cfg`: the evaluation config."""
     rated = sorted(r.model for r in preds.select("model").distinct().collect())
     ranked = sorted(r.model for r in top.select("model").distinct().collect()) if top is not None else []
-    got: dict[tuple[str, str], list[MetricRow]] = {}
-
-    def rating(model: str):
-        def run():
-            got[("rating", model)] = [(m, None, v) for m, v in rating_metrics(
-                preds.where(F.col("model") == model)).items()]
-        return run
-
-    def ranking(model: str):
-        def run():
-            recs = top.where(F.col("model") == model).select("userId", "movieId", "rank").cache()
-            try:
-                got[("ranking", model)] = list(evaluate_ranking_model(
-                    recs, test, train, n_items, ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
-                    similarity=similarity))
-            finally:  # another model's failure must not leave this one's lists cached
-                recs.unpersist()
-        return run
-
-    # Each model's metrics are a chain of small jobs (an ml-latest-small evaluate run: about 1 s
-    # per model's rating metrics, 5 s per model's lists, 30 s one after another), and no model's
-    # depend on another's: side by side, a few at a time, they fill each other's idle gaps. The
-    # longer ones are started first.
-    jobs = {f"ranking {m}": ranking(m) for m in ranked}
-    jobs.update({f"rating {m}": rating(m) for m in rated})
-    run_concurrently(spark, jobs, {}, workers=EVALUATE_WORKERS)
-    # In the order one model after another gave them: rating models, then ranking models, each sorted.
+    rating = rating_metrics_by_model(preds.select("model", F.col("rating").alias("label"), "prediction")) if rated else {}
+    ranking = (evaluate_ranking_models(top.select("model", "userId", "movieId", "rank"), ranked, test, train, n_items,
+                                       ks=tuple(cfg.ks), relevance_threshold=cfg.relevance_threshold,
+                                       similarity=similarity) if ranked else {})
+    # Rating models, then ranking models, each sorted.
     rows_by_model: dict[str, list[MetricRow]] = {}
-    for family, models in (("rating", rated), ("ranking", ranked)):
-        for model in models:
-            rows_by_model.setdefault(model, []).extend(got[(family, model)])
+    for model in rated:
+        rows_by_model.setdefault(model, []).extend((m, None, v) for m, v in rating[model].items())
+    for model in ranked:
+        rows_by_model.setdefault(model, []).extend(ranking[model])
     frames = [metrics_frame(spark, run_id, m, "test", rows) for m, rows in rows_by_model.items()]
     if not frames:
         return None, rows_by_model

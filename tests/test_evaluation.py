@@ -15,10 +15,12 @@ from movierec_spark.evaluation import (
     coverage,
     diversity,
     evaluate_ranking_model,
+    evaluate_ranking_models,
     metrics_frame,
     novelty,
     ranking_metrics,
     rating_metrics,
+    rating_metrics_by_model,
 )
 
 RECS_DDL = "userId int, movieId int, rank int"
@@ -52,6 +54,26 @@ def test_rating_metrics_by_hand(spark):
     assert m["mae"] == pytest.approx(0.7)
     assert m["r2"] == pytest.approx(1 - 3.25 / 14.8)
     assert m["mape"] == pytest.approx(0.20625)
+    # MLlib's RegressionEvaluator, whose definitions the one aggregation follows.
+    from pyspark.ml.evaluation import RegressionEvaluator
+
+    for name in ("rmse", "mae", "r2"):
+        assert m[name] == pytest.approx(RegressionEvaluator(metricName=name, labelCol="rating").evaluate(df),
+                                        abs=1e-12), name
+
+
+def test_rating_metrics_of_many_models_are_each_models_own(spark):
+    rows = [("a", 4.0, 3.5), ("a", 3.0, 3.0), ("a", 5.0, 4.0), ("b", 2.0, 3.0), ("b", 1.0, 1.5), ("b", 4.5, 4.5)]
+    df = spark.createDataFrame(rows, "model string, label double, prediction double")
+    got = rating_metrics_by_model(df)
+    assert set(got) == {"a", "b"}
+    for model in ("a", "b"):
+        alone = rating_metrics(df.where(f"model = '{model}'").withColumnRenamed("label", "rating"))
+        assert got[model] == pytest.approx(alone, abs=1e-12), model
+    assert got["a"]["mae"] == pytest.approx(0.5) and got["b"]["mae"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"1 of 3 rows \(model b\) have a null or NaN 'prediction'"):
+        rating_metrics_by_model(df.unionByName(spark.createDataFrame([("b", 3.0, None)], df.schema)).where(
+            "NOT (model = 'b' AND label = 1.0)"))
 
 
 def test_rating_metrics_rejects_missing_predictions(spark):
@@ -295,6 +317,26 @@ def test_evaluate_ranking_model(spark, beyond):
     sim = spark.createDataFrame([(10, 20, 0.5), (40, 10, 0.2)], SIM_DDL)
     with_sim = as_dict(evaluate_ranking_model(recs, test, train, 5, ks=(3,), similarity=sim))
     assert with_sim[("diversity", 3)] == pytest.approx((5 / 6 + 0.8) / 2)
+
+
+def test_many_models_in_one_pass_score_as_each_model_alone(spark, beyond):
+    recs, train = beyond
+    test = spark.createDataFrame([(1, 20, 5.0), (2, 10, 4.0), (4, 30, 4.0)], TEST_DDL)
+    # Model b: other lists, one shorter, and nothing for user 2 (who has a test item).
+    other = spark.createDataFrame([(1, 30, 1), (1, 20, 2), (3, 10, 1), (3, 40, 2)], RECS_DDL)
+    # Model c lists nothing at all.
+    top = (recs.selectExpr("'a' AS model", "*").unionByName(other.selectExpr("'b' AS model", "*")))
+    for sim in (None, spark.createDataFrame([(10, 20, 0.5), (40, 10, 0.2), (20, 30, 0.3)], SIM_DDL)):
+        got = evaluate_ranking_models(top, ["a", "b", "c"], test, train, 5, ks=(1, 3), similarity=sim)
+        for model, alone in (("a", recs), ("b", other), ("c", recs.limit(0))):
+            want = evaluate_ranking_model(alone, test, train, 5, ks=(1, 3), similarity=sim)
+            assert [r[:2] for r in got[model]] == [r[:2] for r in want], model
+            assert_metrics(as_dict(got[model]), {key: v for key, v in as_dict(want).items() if not math.isnan(v)})
+            assert {key for key, v in as_dict(got[model]).items() if math.isnan(v)} == \
+                {key for key, v in as_dict(want).items() if math.isnan(v)}, model
+    # b: user 1 [30, 20] hits 20 at 2; user 2 has no list; user 4 neither -> mrr@3 = (1/2) / 3
+    assert as_dict(got["b"])[("mrr", 3)] == pytest.approx(1 / 6)
+    assert as_dict(got["c"])[("coverage", 3)] == 0.0
 
 
 # --------------------------------------------------------------------------- metrics table rows
