@@ -76,21 +76,24 @@ def rating_metrics_by_model(preds: DataFrame, label_name: str = "rating", pred_n
     """rating_metrics of every model in `preds` (model, label, prediction) in one aggregation
     (one job for all models, where three MLlib evaluators and a check were four per model):
     {model: {rmse, mae, r2, mape}}. The names are the caller's column names, for its errors."""
-    def bad(c: str):
-        return F.col(c).isNull() | F.isnan(c)
-
     label, predicted = F.col("label").cast("double"), F.col("prediction").cast("double")
+
+    def bad(c):  # on the double value: isnan of a string or decimal column fails to analyse
+        return c.isNull() | F.isnan(c)
+
     err = label - predicted
+    n = F.count(F.lit(1))
     rows = preds.groupBy("model").agg(
-        F.count(F.lit(1)).alias("n"),
-        F.sum(F.when(bad("prediction"), 1).otherwise(0)).alias("bad_pred"),
-        F.sum(F.when(bad("label"), 1).otherwise(0)).alias("bad_label"),
+        n.alias("n"),
+        F.sum(F.when(bad(predicted), 1).otherwise(0)).alias("bad_pred"),
+        F.sum(F.when(bad(label), 1).otherwise(0)).alias("bad_label"),
         F.avg(F.when(label != 0, F.abs(err) / F.abs(label))).alias("mape"),
         F.avg(err * err).alias("mse"),
         F.avg(F.abs(err)).alias("mae"),
         F.sum(err * err).alias("ss_res"),
-        # SS_tot as a numerically stable variance (n - 1 times the sample variance), as MLlib's.
-        (F.var_samp(label) * (F.count(F.lit(1)) - 1)).alias("ss_tot"),
+        # SS_tot as a numerically stable variance (n - 1 times the sample variance), as MLlib's;
+        # one row has no sample variance (null), and its SS_tot is 0 there.
+        F.when(n > 1, F.var_samp(label) * (n - 1)).otherwise(F.lit(0.0)).alias("ss_tot"),
     ).collect()
     out = {}
     for s in sorted(rows, key=lambda r: r["model"]):
@@ -101,7 +104,7 @@ def rating_metrics_by_model(preds: DataFrame, label_name: str = "rating", pred_n
         if s["bad_label"]:
             raise ValueError(f"rating_metrics: {s['bad_label']:,} of {s['n']:,} rows{who} have a null or NaN "
                              f"'{label_name}'")
-        ss_tot = s["ss_tot"] if s["ss_tot"] is not None else 0.0
+        ss_tot = s["ss_tot"]
         out[s["model"]] = {
             "rmse": math.sqrt(s["mse"]),
             "mae": float(s["mae"]),

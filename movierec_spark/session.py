@@ -232,9 +232,8 @@ def release(df) -> None:
         log.warning("release: could not free a materialized frame's blocks: %s", e)
 
 
-def run_concurrently(spark: SparkSession, jobs: dict, out: dict, workers: int | None = None) -> None:
-    """Run independent Spark actions (name -> callable) from threads, at most `workers` at a
-    time (all of them by default); record each one's seconds in `out` as '<name>_s'; re-raise
+def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
+    """Run independent Spark actions (name -> callable) from threads, all at once; record each one's seconds in `out` as '<name>_s'; re-raise
     the first error. Worth it for chains of small jobs and Delta commits whose driver-side
     latency leaves the cores idle."""
     import time
@@ -247,7 +246,7 @@ def run_concurrently(spark: SparkSession, jobs: dict, out: dict, workers: int | 
         fn()
         out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers or len(jobs), len(jobs))), thread_name_prefix="stage") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="stage") as pool:
         # Wrapped so the jobs keep the stage's job group (a plain thread starts without it).
         futures = [pool.submit(inheritable_thread_target(spark)(timed), name, fn) for name, fn in jobs.items()]
         for f in futures:

@@ -62,15 +62,28 @@ def test_rating_metrics_by_hand(spark):
                                         abs=1e-12), name
 
 
+@pytest.mark.parametrize("rows", [[(4.0, 3.5)], [(4.0, 4.0)], [(3.0, 2.0), (3.0, 3.0)]],
+                         ids=["one-row", "one-exact-row", "constant-label"])
+def test_r2_edge_cases_as_mllib(spark, rows):
+    # One row has no sample variance and a constant label none either: SS_tot is 0, and R² is
+    # -inf (or NaN where nothing is wrong), as RegressionEvaluator gives.
+    from pyspark.ml.evaluation import RegressionEvaluator
+
+    df = spark.createDataFrame(rows, "rating double, prediction double")
+    want = RegressionEvaluator(metricName="r2", labelCol="rating").evaluate(df)
+    got = rating_metrics(df)["r2"]
+    assert (math.isnan(got) and math.isnan(want)) or got == want, (got, want)
+
+
 def test_rating_metrics_of_many_models_are_each_models_own(spark):
-    rows = [("a", 4.0, 3.5), ("a", 3.0, 3.0), ("a", 5.0, 4.0), ("b", 2.0, 3.0), ("b", 1.0, 1.5), ("b", 4.5, 4.5)]
+    rows = [("a", 4.0, 3.5), ("a", 3.0, 3.0), ("a", 5.0, 4.0), ("b", 2.0, 3.0), ("b", 1.0, 2.0), ("b", 4.5, 4.5)]
     df = spark.createDataFrame(rows, "model string, label double, prediction double")
     got = rating_metrics_by_model(df)
     assert set(got) == {"a", "b"}
     for model in ("a", "b"):
         alone = rating_metrics(df.where(f"model = '{model}'").withColumnRenamed("label", "rating"))
         assert got[model] == pytest.approx(alone, abs=1e-12), model
-    assert got["a"]["mae"] == pytest.approx(0.5) and got["b"]["mae"] == pytest.approx(0.5)
+    assert got["a"]["mae"] == pytest.approx(0.5) and got["b"]["mae"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"1 of 3 rows \(model b\) have a null or NaN 'prediction'"):
         rating_metrics_by_model(df.unionByName(spark.createDataFrame([("b", 3.0, None)], df.schema)).where(
             "NOT (model = 'b' AND label = 1.0)"))
@@ -323,7 +336,8 @@ def test_many_models_in_one_pass_score_as_each_model_alone(spark, beyond):
     recs, train = beyond
     test = spark.createDataFrame([(1, 20, 5.0), (2, 10, 4.0), (4, 30, 4.0)], TEST_DDL)
     # Model b: other lists, one shorter, and nothing for user 2 (who has a test item).
-    other = spark.createDataFrame([(1, 30, 1), (1, 20, 2), (3, 10, 1), (3, 40, 2)], RECS_DDL)
+    # It lists movie 50, which a never does, so coverage and novelty differ between them.
+    other = spark.createDataFrame([(1, 30, 1), (1, 20, 2), (1, 50, 3), (3, 10, 1), (3, 40, 2)], RECS_DDL)
     # Model c lists nothing at all.
     top = (recs.selectExpr("'a' AS model", "*").unionByName(other.selectExpr("'b' AS model", "*")))
     for sim in (None, spark.createDataFrame([(10, 20, 0.5), (40, 10, 0.2), (20, 30, 0.3)], SIM_DDL)):
