@@ -436,6 +436,12 @@ class TuneConfig(Section):
     ranker_pools: list[int] = Field(default_factory=lambda: [50], min_length=1)
     ranker_depths: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
     ranker_z: float = Field(2.0, ge=0)
+    # ALS iterations of each tuning candidate (implicit ALS and the residual ALS; null: the
+    # model's own max_iter); the final model is fitted with its max_iter whatever this is. null,
+    # measured (benchmarks/tune_iters.py, results/tune-iters-ml-latest-small.md): 8 saved 7-13%
+    # of the two searches' time (side by side, a fit's iteration jobs fill the gaps; its setup
+    # and scoring cost the time) and changed implicit ALS's choice on the stratified train part.
+    trial_max_iter: int | None = Field(None, ge=1)
     # Candidates of one search step fitted side by side, each from its own driver thread (as
     # CrossValidator's `parallelism`): the same choice, since each fit is seeded and the step's
     # candidates do not depend on one another. Small fits leave cores idle between their many

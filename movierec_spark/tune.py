@@ -139,6 +139,11 @@ def coordinate_search(start: dict, steps: tuple[tuple[str, ...], ...], grids: di
     return best, scores[key(best)], trials
 
 
+def trial_iters(cfg: Config) -> dict:
+    """The ALS settings a tuning candidate is fitted with beyond its own: tune.trial_max_iter."""
+    return {"max_iter": cfg.tune.trial_max_iter} if cfg.tune.trial_max_iter else {}
+
+
 def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[dict]]:
     """(best, trials): implicit ALS's rank, reg_param, alpha and confidence chosen by nDCG@10 on
     a validation fold of `train`; trials holds every setting tried with its score and seconds."""
@@ -154,11 +159,11 @@ def tune_implicit(train: DataFrame, cfg: Config, seed: int) -> tuple[dict, list[
 
     def score(setting: dict) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update=setting), seed)
+        model = fit_implicit(fit_part, cfg.als_implicit.model_copy(update={**setting, **trial_iters(cfg)}), seed)
         ndcg, n_users = unseen_ndcg(model, users, 10)
         if n_users == 0:
             raise ValueError("tune: no user has a held-out rating in the validation fold")
-        trial = {**setting, "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)}
+        trial = {**setting, **trial_iters(cfg), "ndcg@10": round(ndcg, 4), "seconds": round(time.perf_counter() - t0, 1)}
         log.info("tune: implicit ALS %s: validation nDCG@10 %.4f (%.1f s)", setting, ndcg, trial["seconds"])
         return ndcg, trial
 
@@ -209,9 +214,10 @@ def tune_rating_models(train: DataFrame, cfg: Config, seed: int, lo: float, hi: 
 
         def als_rmse(setting: dict) -> tuple[float, dict]:
             t0 = time.perf_counter()
-            als_cfg = cfg.als.model_copy(update={**setting, "tune": False, "residual": True})
+            als_cfg = cfg.als.model_copy(update={**setting, **trial_iters(cfg), "tune": False, "residual": True})
             e = rmse(predict_explicit(fit_explicit(fit_part, bias, als_cfg, seed), bias, held, True, lo, hi))
-            trial = {"model": "als", **setting, "rmse": round(e, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            trial = {"model": "als", **setting, **trial_iters(cfg), "rmse": round(e, 4),
+                     "seconds": round(time.perf_counter() - t0, 1)}
             log.info("tune: als %s: validation RMSE %.4f (%.1f s)", setting, e, trial["seconds"])
             return e, trial
 
