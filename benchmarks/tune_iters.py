@@ -32,7 +32,7 @@ from movierec_spark.tune import tune_implicit, tune_rating_models
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warehouse", required=True)
-    ap.add_argument("--run", help="the run whose split to use (default: the newest)")
+    ap.add_argument("--run", help="the run whose split to use (default: the greatest run id)")
     ap.add_argument("--iters", default="15,10,8", help="trial ALS iterations to compare, in this order")
     ap.add_argument("--out", help="write the table (markdown) here too")
     ap.add_argument("--set", action="append", default=[], help="config overrides")

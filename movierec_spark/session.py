@@ -233,9 +233,9 @@ def release(df) -> None:
 
 
 def run_concurrently(spark: SparkSession, jobs: dict, out: dict) -> None:
-    """Run independent Spark actions (name -> callable) from threads, all at once; record each one's seconds in `out` as '<name>_s'; re-raise
-    the first error. Worth it for chains of small jobs and Delta commits whose driver-side
-    latency leaves the cores idle."""
+    """Run independent Spark actions (name -> callable) from threads, all at once; record each
+    one's seconds in `out` as '<name>_s'; re-raise the first error. Worth it for chains of small
+    jobs and Delta commits whose driver-side latency leaves the cores idle."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
