@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="config overrides")
     args = ap.parse_args()
     setup_logging()
-    cfg = load_config(None, {"spark.show_progress": False, **parse_set(args.set)})
+    # A throwaway warehouse: its _checkpoints dir is where MLlib writes, never the checkout's ./warehouse.
+    scratch = tempfile.TemporaryDirectory()
+    cfg = load_config(None, {"paths.warehouse": scratch.name, "spark.show_progress": False, **parse_set(args.set)})
     spark = build_spark(cfg, app_name="als-checkpoint")
     lines = []
     try:
@@ -76,7 +79,7 @@ def main() -> int:
                     als.setCheckpointInterval(interval)
                     t0 = time.perf_counter()
                     model = als.fit(data[kind])
-                    model.userFactors.count()  # the fit is lazy about nothing, but be sure it is done
+                    model.userFactors.count()  # inside the timing: any factor work the fit left lazy
                     dt = time.perf_counter() - t0
                     seconds.setdefault((kind, interval), []).append(dt)
                     models[(kind, interval)] = model
@@ -94,6 +97,7 @@ def main() -> int:
             Path(args.out).write_text("\n".join(lines) + "\n")
     finally:
         spark.stop()
+        scratch.cleanup()
     return 0
 
 
