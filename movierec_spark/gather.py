@@ -62,7 +62,9 @@ def neighbour_ratings(keys: DataFrame, resid: DataFrame, lists: list[DataFrame],
     wanted = keys.select(pid.alias("pid"), F.lit(-1).alias("s"), F.col(by).cast("int").alias("a"),
                          F.col(via).cast("int").alias("b"), F.lit(None).cast("double").alias("x"),
                          F.lit(None).cast("double").alias("y"), F.lit(2).alias("kind"))
-    rows = movies_then_users(list_rows, rated.unionByName(wanted), parts)
+    # Unsorted: the lists and ratings are kept whole anyway, and the pairs only as two id arrays
+    # until the partition has been read (8 bytes a pair). The sort that put them in order spilled.
+    rows = movies_then_users(list_rows, rated.unionByName(wanted), parts, ordered=False)
     n_sets = len(lists)
     shrink = [float(s) for s in shrinks]
     key_is_user = by == "userId"
@@ -74,32 +76,35 @@ def neighbour_ratings(keys: DataFrame, resid: DataFrame, lists: list[DataFrame],
         import numpy as np
         import pyarrow as pa
 
-        lists_b, rated_b = [], []
-        table = None
+        lists_b, rated_b, want_a, want_b = [], [], [], []
         for b in batches:
             kind = b.column("kind").to_numpy()
-            if table is None:
-                # Sorted by kind: a batch may end one kind and start the next.
-                lists_b.append(b.filter(pa.array(kind == 0)))
-                rated_b.append(b.filter(pa.array(kind == 1)))
-                if not (kind == 2).any():
-                    continue
-                table = _tables(lists_b, rated_b, n_sets, np, pa)
-                lists_b = rated_b = None
-            b = b.filter(pa.array(kind == 2))
-            for lo in range(0, b.num_rows, CHUNK):
-                part = b.slice(lo, CHUNK)
-                out = _score(part.column("a").to_numpy(), part.column("b").to_numpy(), table, shrink, np)
-                if out is None:
-                    continue
-                key_by, key_via, sets = out
-                users, movies = (key_by, key_via) if key_is_user else (key_via, key_by)
-                arrays = [pa.array(users, pa.int32()), pa.array(movies, pa.int32())]
-                for top, n_top, knn, cnt, near_sim, has, near_any in sets:
-                    arrays += [pa.array(top[:, i], pa.float64(), mask=n_top <= i) for i in range(TOP)]
-                    arrays += [pa.array(n_top, pa.int32()), pa.array(knn, pa.float64(), mask=~has),
-                               pa.array(cnt, pa.int64()), pa.array(near_sim, pa.float64(), mask=~near_any)]
-                yield pa.RecordBatch.from_arrays(arrays, names=col_names)
+            for k, keep in ((0, lists_b), (1, rated_b)):
+                mask = kind == k
+                if mask.any():
+                    keep.append(b.filter(pa.array(mask)))
+            mask = kind == 2
+            if mask.any():
+                want_a.append(b.column("a").to_numpy()[mask])
+                want_b.append(b.column("b").to_numpy()[mask])
+        if not want_a:
+            return
+        table = _tables(lists_b, rated_b, n_sets, np, pa)
+        del lists_b, rated_b
+        key_a, key_b = np.concatenate(want_a), np.concatenate(want_b)
+        del want_a, want_b
+        for lo in range(0, len(key_a), CHUNK):
+            out = _score(key_a[lo:lo + CHUNK], key_b[lo:lo + CHUNK], table, shrink, np)
+            if out is None:
+                continue
+            key_by, key_via, sets = out
+            users, movies = (key_by, key_via) if key_is_user else (key_via, key_by)
+            arrays = [pa.array(users, pa.int32()), pa.array(movies, pa.int32())]
+            for top, n_top, knn, cnt, near_sim, has, near_any in sets:
+                arrays += [pa.array(top[:, i], pa.float64(), mask=n_top <= i) for i in range(TOP)]
+                arrays += [pa.array(n_top, pa.int32()), pa.array(knn, pa.float64(), mask=~has),
+                           pa.array(cnt, pa.int64()), pa.array(near_sim, pa.float64(), mask=~near_any)]
+            yield pa.RecordBatch.from_arrays(arrays, names=col_names)
 
     return rows.mapInArrow(run, ", ".join(cols))
 

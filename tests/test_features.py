@@ -312,3 +312,17 @@ def test_neighbour_ratings_in_numpy_equal_the_spark_joins(spark, monkeypatch):
     assert got_m.where("smr_cnt = 0 and csmr_cnt = 0").isEmpty()
     assert got_m.count() == want_m.join(want_c, ["userId", "movieId"], "full").count()
     assert gather.neighbour_ratings(keys.limit(0), resid, [unb], "movieId", ["sur"], [shrink]).isEmpty()
+
+    # The gather's rows come unsorted: the same values when every pair arrives before the ratings
+    # and the lists, in batches of 7 rows (so one batch holds several kinds).
+    from movierec_spark.partitioned import movies_then_users
+
+    monkeypatch.setattr(gather, "movies_then_users", lambda m, u, p, ordered=True: movies_then_users(
+        m, u, p, ordered=False).sortWithinPartitions(F.desc("kind")))
+    batch = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
+    try:
+        late = gather.neighbour_ratings(keys, resid, [mnb, cnb], "userId", ["smr", "csmr"], [shrink, cshrink])
+        assert_approx_df_equality(late, got_m, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", batch)
