@@ -378,6 +378,10 @@ def franchise_recall(sims: DataFrame, pairs: DataFrame, k: int) -> float:
 # The content model for users: "because you watched X" lists and a rating prediction
 
 
+# Users scored in one numpy step of content_top_n (each up to sources x list-length contributions).
+TOP_N_CHUNK_ROWS = 2_000_000
+
+
 def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, neighbours: int = 20) -> DataFrame:
     """Per user, the n unseen movies most similar to what they liked: userId, movieId, rank,
     score, because_movieId.
@@ -385,26 +389,121 @@ def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, 
     Liked = rated at or above the user's own train mean (their `sources` best, ties by id, so
     a heavy rater costs no more than a light one). A candidate's score sums similarity x
     (rating - user mean + 1) over the liked movies that have it among their `neighbours`
-    nearest; because_movieId is the liked movie that contributed most. Users whose liked movies
-    have no content neighbours get no list (catalog coverage shows it).
-    """
-    from .baselines import top_n_per_user
+    nearest; because_movieId is the liked movie that contributed most (ties: the lower id).
+    Ranked by score, then movieId. Users whose liked movies have no content neighbours get no
+    list (catalog coverage shows it).
 
-    w = Window.partitionBy("userId").orderBy(F.col("rating").desc(), F.col("movieId"))
-    liked = (train.withColumn("mu_u", F.avg("rating").over(Window.partitionBy("userId")))
-             .where(F.col("rating") >= F.col("mu_u"))
-             .withColumn("o", F.row_number().over(w)).where(F.col("o") <= sources)
-             .select("userId", F.col("movieId").alias("src"), (F.col("rating") - F.col("mu_u") + 1.0).alias("wt")))
-    nb = sims.where(F.col("rank") <= neighbours).select(
-        F.col("movieId").alias("src"), F.col("similar_movieId").alias("movieId"), "similarity")
-    cands = (liked.join(nb, "src")
-             .select("userId", "movieId", "src", (F.col("similarity") * F.col("wt")).alias("c"))
-             .groupBy("userId", "movieId")
-             .agg(F.sum("c").alias("s"), F.max_by("src", F.struct(F.col("c"), -F.col("src"))).alias("because_movieId"))
-             .join(train.select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
-    # because_movieId rides along the ranking: joining it back from `cands` computed the
-    # liked x neighbours aggregate a second time.
-    return top_n_per_user(cands, n, score=F.col("s"), keep=("because_movieId",))
+    Computed per partition in numpy (mapInArrow, no per-row Python): the ratings partitioned by
+    user, the neighbour lists copied to every partition (partitioned.py), each user's liked x
+    neighbours contributions summed and ranked where the user's ratings are. As Spark joins this
+    was liked x neighbours rows (up to 600 a user) shuffled, aggregated, anti-joined with train
+    and ranked in a window: at 25M ratings 326 task seconds and 3.6 GB of shuffle read
+    (benchmarks/content_top_n.py has the before and after).
+    """
+    from .partitioned import movies_then_users, numpy_partitions, user_partition
+
+    parts = numpy_partitions(train.sparkSession)
+    lists = sims.where(F.col("rank") <= neighbours).select(
+        F.col("movieId").cast("int").alias("a"), F.col("similar_movieId").cast("int").alias("b"),
+        F.col("similarity").cast("double").alias("x"))
+    rated = train.select(user_partition(parts).alias("pid"), F.col("userId").cast("int").alias("a"),
+                         F.col("movieId").cast("int").alias("b"), F.col("rating").cast("double").alias("x"))
+    # Unsorted: the reader keeps the whole partition anyway (a sort by kind spilled at 25M).
+    rows = movies_then_users(lists, rated, parts, ordered=False)
+    chunk_rows = TOP_N_CHUNK_ROWS  # read here: the workers get the value, not the module's
+
+    def run(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        got = ([], [])
+        for b in batches:
+            kind = b.column("kind").to_numpy()
+            for k, keep in enumerate(got):
+                mask = kind == k
+                if mask.all():
+                    keep.append(b)
+                elif mask.any():
+                    keep.append(b.filter(pa.array(mask)))
+        if not got[1]:
+            return
+        for out in _content_lists(got[0], got[1], n, sources, chunk_rows, np):
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(a, t) for a, t in zip(out, (pa.int32(), pa.int32(), pa.int32(), pa.float64(), pa.int32()))],
+                names=["userId", "movieId", "rank", "score", "because_movieId"])
+
+    return rows.mapInArrow(run, "userId int, movieId int, rank int, score double, because_movieId int")
+
+
+def _columns(batches, np):
+    """(a, b, x) of a list of Arrow batches as numpy arrays."""
+    if not batches:
+        return np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0)
+    return tuple(np.concatenate([b.column(c).to_numpy() for b in batches]) for c in ("a", "b", "x"))
+
+
+def _content_lists(list_batches, rating_batches, n: int, sources: int, chunk_rows: int, np):
+    """content_top_n's lists of one partition's users: yields (userId, movieId, rank, score,
+    because_movieId) arrays, a chunk of users at a time."""
+    e, nb, sim = _columns(list_batches, np)
+    # A partition may hold two copies of the lists (two pids hashed to one partition): once each.
+    code = (e.astype(np.int64) << 32) | (nb.astype(np.int64) & 0xFFFFFFFF)
+    _, first = np.unique(code, return_index=True)
+    e, nb, sim = e[first], nb[first], sim[first]  # in (e, nb) order
+    src_ids, src_start, src_n = np.unique(e, return_index=True, return_counts=True)
+    if len(src_ids) == 0:
+        return
+    width = int(src_n.max())
+    slot = np.arange(len(e)) - np.repeat(src_start, src_n)
+    row = np.repeat(np.arange(len(src_ids)), src_n)
+    m_nb = np.zeros((len(src_ids), width), np.int32)
+    m_sim = np.zeros((len(src_ids), width))
+    m_ok = np.zeros((len(src_ids), width), bool)
+    m_nb[row, slot], m_sim[row, slot], m_ok[row, slot] = nb, sim, True
+
+    u, m, r = _columns(rating_batches, np)
+    # Each user's ratings best first, ties by movieId: the order `sources` counts in.
+    order = np.lexsort((m, -r, u))
+    u, m, r = u[order], m[order], r[order]
+    users, u_start, u_n = np.unique(u, return_index=True, return_counts=True)
+    # Exact, as Spark's avg: ratings are multiples of 0.5, so their sums are exact in a double.
+    mu = np.add.reduceat(r, u_start) / u_n
+    seen = np.sort((u.astype(np.int64) << 32) | (m.astype(np.int64) & 0xFFFFFFFF))
+    step = max(1, chunk_rows // (min(sources, int(u_n.max())) * width))
+    for i0 in range(0, len(users), step):
+        i1 = min(i0 + step, len(users))
+        lo, hi = u_start[i0], u_start[i1] if i1 < len(users) else len(u)
+        who = np.repeat(np.arange(i0, i1), u_n[i0:i1])
+        liked = (r[lo:hi] >= mu[who]) & (np.arange(lo, hi) - u_start[who] < sources)
+        who, src, wt = who[liked], m[lo:hi][liked], r[lo:hi][liked] - mu[who[liked]] + 1.0
+        at = np.minimum(np.searchsorted(src_ids, src), len(src_ids) - 1)
+        listed = src_ids[at] == src
+        who, src, wt, at = who[listed], src[listed], wt[listed], at[listed]
+        ok = m_ok[at]
+        c_who = np.repeat(who[:, None], width, 1)[ok]
+        c_src = np.repeat(src[:, None], width, 1)[ok]
+        c_movie = m_nb[at][ok]
+        c = (m_sim[at] * wt[:, None])[ok]
+        q = (users[c_who].astype(np.int64) << 32) | (c_movie.astype(np.int64) & 0xFFFFFFFF)
+        pos = np.minimum(np.searchsorted(seen, q), max(len(seen) - 1, 0))
+        fresh = seen[pos] != q
+        c_who, c_src, c_movie, c = c_who[fresh], c_src[fresh], c_movie[fresh], c[fresh]
+        if len(c) == 0:
+            continue
+        # Per (user, movie): the sum, and the source of the largest contribution (ties: lower id).
+        order = np.lexsort((c_src, -c, c_movie, c_who))
+        c_who, c_src, c_movie, c = c_who[order], c_src[order], c_movie[order], c[order]
+        head = np.ones(len(c), bool)
+        head[1:] = (c_who[1:] != c_who[:-1]) | (c_movie[1:] != c_movie[:-1])
+        starts = np.flatnonzero(head)
+        g_who, g_movie, g_src, score = c_who[starts], c_movie[starts], c_src[starts], np.add.reduceat(c, starts)
+        # Each user's n best by score, then movieId.
+        order = np.lexsort((g_movie, -score, g_who))
+        g_who, g_movie, g_src, score = g_who[order], g_movie[order], g_src[order], score[order]
+        first_of = np.flatnonzero(np.r_[True, g_who[1:] != g_who[:-1]])
+        rank = np.arange(len(g_who)) - np.repeat(first_of, np.diff(np.r_[first_of, len(g_who)])) + 1
+        top = rank <= n
+        yield users[g_who[top]], g_movie[top], rank[top].astype(np.int32), score[top], g_src[top]
 
 
 def content_predict(pairs: DataFrame, train: DataFrame, sims: DataFrame, bias, shrink: float = 1.0,

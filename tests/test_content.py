@@ -170,6 +170,56 @@ def test_content_top_n_by_hand(spark):
     assert got == [(1, 3, 1.8, 1), (2, 4, 1.0, 1)]
 
 
+def _content_top_n_joins(train, sims, n, sources, neighbours):
+    """content_top_n as Spark joins (what the numpy path replaced): the yardstick."""
+    from pyspark.sql import Window
+
+    from movierec_spark.baselines import top_n_per_user
+
+    w = Window.partitionBy("userId").orderBy(F.col("rating").desc(), F.col("movieId"))
+    liked = (train.withColumn("mu_u", F.avg("rating").over(Window.partitionBy("userId")))
+             .where(F.col("rating") >= F.col("mu_u"))
+             .withColumn("o", F.row_number().over(w)).where(F.col("o") <= sources)
+             .select("userId", F.col("movieId").alias("src"), (F.col("rating") - F.col("mu_u") + 1.0).alias("wt")))
+    nb = sims.where(F.col("rank") <= neighbours).select(
+        F.col("movieId").alias("src"), F.col("similar_movieId").alias("movieId"), "similarity")
+    cands = (liked.join(nb, "src")
+             .select("userId", "movieId", "src", (F.col("similarity") * F.col("wt")).alias("c"))
+             .groupBy("userId", "movieId")
+             .agg(F.sum("c").alias("s"), F.max_by("src", F.struct(F.col("c"), -F.col("src"))).alias("because_movieId"))
+             .join(train.select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
+    return top_n_per_user(cands, n, score=F.col("s"), keep=("because_movieId",))
+
+
+def test_content_top_n_in_numpy_equals_the_spark_joins(spark, monkeypatch):
+    """Random ratings and lists with tied similarities and tied ratings (the sources' order,
+    the because movie, the ranking), users with more liked movies than `sources`, users whose
+    liked movies have no list, lists longer than `neighbours`, and several chunks of users per
+    partition: the same rows as the joins, scores to 1e-9."""
+    import random
+
+    from chispa import assert_approx_df_equality
+
+    from movierec_spark import content
+
+    rnd = random.Random(5)
+    train = spark.createDataFrame(
+        [(u, m, float(rnd.randrange(1, 11)) / 2)
+         for u, m in sorted({(rnd.randrange(1, 90), rnd.randrange(1, 80)) for _ in range(2500)})], RATINGS)
+    sims = spark.createDataFrame(
+        [(m, nb, rank + 1, sim) for m in range(1, 70)
+         for rank, (sim, nb) in enumerate(sorted(((rnd.choice([0.2, 0.4, 0.6]), nb)
+                                                   for nb in rnd.sample(range(1, 90), rnd.randrange(9)) if nb != m),
+                                                  key=lambda t: -t[0]))], SIMS)
+    monkeypatch.setattr(content, "TOP_N_CHUNK_ROWS", 40)
+    got = content.content_top_n(train, sims, 7, sources=6, neighbours=5)
+    want = _content_top_n_joins(train, sims, 7, 6, 5)
+    assert want.count() > 300 and want.where("rank = 7").count() > 20
+    assert_approx_df_equality(got, want, 1e-9, ignore_row_order=True, ignore_nullable=True)
+    assert content.content_top_n(train.limit(0), sims, 7).isEmpty()
+    assert content.content_top_n(train, sims.limit(0), 7).isEmpty()
+
+
 def test_content_predict_by_hand(spark):
     from movierec_spark.baselines import BiasModel
     from movierec_spark.content import content_predict
