@@ -118,7 +118,10 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
     if implicit is not None:
         uf = implicit.userFactors.select(F.col("id").alias("userId"), F.col("features").alias("u"))
         itf = implicit.itemFactors.select(F.col("id").alias("movieId"), F.col("features").alias("v"))
-        dot = F.aggregate(F.zip_with("u", "v", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+        # Spelled out per dimension: generated code, where zip_with/aggregate lambdas are
+        # interpreted row by row. Each float product is added to a double from 0, as that
+        # aggregate did, so the values are the same.
+        dot = sum((F.col("u")[i] * F.col("v")[i]).cast("double") for i in range(implicit.rank))
         out = (out.join(uf, "userId", "left").join(itf, "movieId", "left")
                .withColumn("imp_dot", F.coalesce(dot.cast("double"), F.lit(0.0))).drop("u", "v"))
         names.append("imp_dot")

@@ -33,6 +33,28 @@ def test_item_neighbours_and_knn_feature_by_hand(spark):
     assert {"knn", "knn_n", "knn_u", "popularity_rank"} <= set(names)
 
 
+def test_implicit_score_is_the_factors_dot_product_for_every_candidate(spark):
+    # A real implicit ALS fit; imp_dot is u.v summed in a double over the float factors, for
+    # candidates the model did not list too, and 0 where the user or the movie has no factors.
+    import numpy as np
+
+    from movierec_spark.als import fit_implicit
+    from movierec_spark.config import ImplicitAlsConfig
+
+    train = spark.createDataFrame([(u, m, float(1 + (u * m) % 5)) for u in range(1, 9) for m in range(10, 17)
+                                   if (u + m) % 3], "userId int, movieId int, rating double")
+    model = fit_implicit(train, ImplicitAlsConfig(rank=6, max_iter=3), 42)
+    pairs = [(u, m) for u in (1, 2, 5, 99) for m in (10, 11, 16, 77)]
+    lists = spark.createDataFrame([(u, m, "popularity", i + 1, 1.0) for i, (u, m) in enumerate(pairs)],
+                                  "userId int, movieId int, model string, rank int, score double")
+    got = {(r.userId, r.movieId): r.imp_dot for r in ranker_features(lists, train, ["popularity"], 20, model)[0].collect()}
+    uf = {r.id: np.array(r.features, np.float32) for r in model.userFactors.collect()}
+    itf = {r.id: np.array(r.features, np.float32) for r in model.itemFactors.collect()}
+    want = {(u, m): sum(float(x) for x in uf[u] * itf[m]) if u in uf and m in itf else 0.0 for u, m in pairs}
+    assert got == pytest.approx(want, abs=1e-12)
+    assert sum(v != 0 for v in want.values()) == 9  # users 1, 2, 5 x movies 10, 11, 16
+
+
 def test_counts_are_put_on_the_serving_scale_when_learning_from_a_share_of_train(spark):
     # Learning from half of train: every count doubles (what all of train would show), the rest stays.
     train = spark.createDataFrame(
