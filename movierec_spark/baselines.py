@@ -146,21 +146,92 @@ def windowed_counts(times: DataFrame, window_days: int, centres: DataFrame | Non
     return spread.groupBy("movieId", "centre").agg(F.sum("count").alias("c"))
 
 
+# Users scored in one numpy step of popularity_top_n (each n + their ratings' candidate ranks).
+POP_CHUNK_ROWS = 2_000_000
+
+
 def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) -> DataFrame:
     """Per user, the n most popular movies (by train) they did not rate: userId, movieId, rank, score.
 
-    The users and what they rated come from `seen` (default: train itself). Each user needs at
-    most n + (movies they rated) candidates from the popularity order, so a range join on
-    pop_rank gives sum(n + n_u) rows: linear in the data, no user x catalog product.
+    The users and what they rated come from `seen` (default: train itself). Popularity is the
+    movie's train rating count, ties by movieId (`popularity`'s pop_rank), and score is that
+    count. A user's list is the first n pop ranks among 1 .. n + (their ratings) that they did
+    not rate: no user x catalog product.
+
+    Computed per partition in numpy (mapInArrow, no per-row Python): the ratings partitioned by
+    user, the popularity order copied to every partition (partitioned.py). As a range join of
+    users to pop ranks, anti-joined with the ratings and ranked in a window, it took about 50 s
+    at 25M ratings (benchmarks/results/popularity-top-n-25M.md).
     """
-    pop = popularity(train)
-    seen = (train if seen is None else seen).select("userId", "movieId")
-    users = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
-    cand = users.join(pop, on=F.col("pop_rank") <= F.col("n_u") + n, how="inner").select(
-        "userId", "movieId", "pop_rank", "n_ratings"
-    )
-    unseen = cand.join(seen, on=["userId", "movieId"], how="left_anti")
-    return top_n_per_user(unseen, n, score=F.col("n_ratings").cast("double"), tiebreak=F.col("pop_rank"))
+    from .partitioned import movies_then_users, numpy_partitions, user_partition
+
+    parts = numpy_partitions(train.sparkSession)
+    pop = popularity(train).select(F.col("movieId").cast("int").alias("a"), F.col("pop_rank").cast("int").alias("b"),
+                                   F.col("n_ratings").cast("double").alias("x"))
+    rated = (train if seen is None else seen).select(
+        user_partition(parts).alias("pid"), F.col("userId").cast("int").alias("a"),
+        F.col("movieId").cast("int").alias("b"), F.lit(None).cast("double").alias("x"))
+    # Unsorted: the reader keeps the whole partition anyway.
+    rows = movies_then_users(pop, rated, parts, ordered=False)
+    chunk_rows = POP_CHUNK_ROWS  # read here: the workers get the value, not the module's
+
+    def run(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        got = ([], [])
+        for b in batches:
+            kind = b.column("kind").to_numpy()
+            for k, keep in enumerate(got):
+                mask = kind == k
+                if mask.all():
+                    keep.append(b)
+                elif mask.any():
+                    keep.append(b.filter(pa.array(mask)))
+        if not got[0] or not got[1]:
+            return
+        for out in _popularity_lists(got[0], got[1], n, chunk_rows, np):
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(a, t) for a, t in zip(out, (pa.int32(), pa.int32(), pa.int32(), pa.float64()))],
+                names=["userId", "movieId", "rank", "score"])
+
+    return rows.mapInArrow(run, "userId int, movieId int, rank int, score double")
+
+
+def _popularity_lists(pop_batches, rating_batches, n: int, chunk_rows: int, np):
+    """popularity_top_n's lists of one partition's users: yields (userId, movieId, rank, score)
+    arrays, a chunk of users at a time."""
+    col = lambda bs, c: np.concatenate([b.column(c).to_numpy() for b in bs])  # noqa: E731
+    movie, prank, count = col(pop_batches, "a"), col(pop_batches, "b"), col(pop_batches, "x")
+    # A partition may hold two copies of the order (two pids hashed to one partition): once each.
+    ranks, first = np.unique(prank, return_index=True)  # 1 .. movies, in order
+    by_rank, count = movie[first], count[first]
+    movie_sorted = np.sort(by_rank)
+    rank_of = ranks[np.argsort(by_rank)]  # the pop rank of movie_sorted[i]
+    u, m = col(rating_batches, "a"), col(rating_batches, "b")
+    at = np.minimum(np.searchsorted(movie_sorted, m), len(movie_sorted) - 1)
+    r = np.where(movie_sorted[at] == m, rank_of[at], 0)  # 0: a movie without train ratings
+    users, inverse, u_n = np.unique(u, return_inverse=True, return_counts=True)
+    # (user index, pop rank) of every rating: what each user's candidates must skip.
+    seen = np.unique((inverse.astype(np.int64) << 32) | r.astype(np.int64))
+    width = np.minimum(n + u_n, len(ranks))
+    step = max(1, chunk_rows // (n + int(u_n.max())))
+    for i0 in range(0, len(users), step):
+        i1 = min(i0 + step, len(users))
+        w = width[i0:i1]
+        who = np.repeat(np.arange(i0, i1), w)
+        cand = np.arange(len(who)) - np.repeat(np.cumsum(w) - w, w) + 1  # pop ranks 1 .. width
+        q = (who.astype(np.int64) << 32) | cand
+        pos = np.minimum(np.searchsorted(seen, q), len(seen) - 1)
+        fresh = seen[pos] != q
+        who, cand = who[fresh], cand[fresh]
+        if len(who) == 0:
+            continue
+        head = np.flatnonzero(np.r_[True, who[1:] != who[:-1]])
+        rank = np.arange(len(who)) - np.repeat(head, np.diff(np.r_[head, len(who)])) + 1
+        top = rank <= n
+        who, cand, rank = who[top], cand[top], rank[top]
+        yield users[who], by_rank[cand - 1], rank.astype(np.int32), count[cand - 1]
 
 
 def top_n_per_user(cands: DataFrame, n: int, score, tiebreak=None, keep: tuple[str, ...] = ()) -> DataFrame:

@@ -70,8 +70,8 @@ def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str],
         parts.append(content_top_n(own, sims, n, cfg.content.user_sources, cfg.content.user_neighbours)
                      .withColumn("model", F.lit("content")))
     if "popularity" in models:
-        pop = popularity_top_n(train, n)
-        parts.append((pop if users is None else pop.join(users, "userId", "left_semi")).withColumn("model", F.lit("popularity")))
+        # Popularity from all of train, lists for `own`'s users only.
+        parts.append(popularity_top_n(train, n, seen=own).withColumn("model", F.lit("popularity")))
     out = parts[0].select("userId", "movieId", "model", "rank", "score")
     for p in parts[1:]:
         out = out.unionByName(p.select("userId", "movieId", "model", "rank", "score"))

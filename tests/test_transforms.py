@@ -57,6 +57,36 @@ def test_popularity_top_n_skips_what_each_user_rated(spark, ratings, empty):
     assert baselines.popularity_top_n(empty, 2).isEmpty()
 
 
+def test_popularity_top_n_in_numpy_equals_the_range_join(spark, monkeypatch):
+    """Random ratings with tied counts, heavy raters who leave fewer than n movies, and users
+    (from `seen`) who rated movies train does not have, in several chunks per partition: the
+    same rows as the range join it replaced."""
+    import random
+
+    from pyspark.sql import functions as F
+
+    rnd = random.Random(3)
+    train = spark.createDataFrame([(u, m, 4.0, None) for u, m in sorted({(rnd.randrange(1, 60), rnd.randrange(1, 40))
+                                                                    for _ in range(900)})], RATINGS)
+    seen = train.select("userId", "movieId").unionByName(spark.createDataFrame(
+        [(u, m) for u in range(55, 75) for m in rnd.sample(range(1, 60), 12)], "userId int, movieId int")).distinct()
+
+    def joins(train, seen, n):
+        pop = baselines.popularity(train)
+        users = seen.groupBy("userId").agg(F.count(F.lit(1)).alias("n_u"))
+        cand = users.join(pop, F.col("pop_rank") <= F.col("n_u") + n).select("userId", "movieId", "pop_rank", "n_ratings")
+        unseen = cand.join(seen, ["userId", "movieId"], "left_anti")
+        return baselines.top_n_per_user(unseen, n, score=F.col("n_ratings").cast("double"), tiebreak=F.col("pop_rank"))
+
+    monkeypatch.setattr(baselines, "POP_CHUNK_ROWS", 50)
+    for n, s in ((7, None), (25, seen)):
+        want = joins(train, train if s is None else s, n)
+        got = baselines.popularity_top_n(train, n, seen=s)
+        assert want.count() > 300
+        eq(got, want)
+    assert baselines.popularity_top_n(train, 5, seen=seen.limit(0)).isEmpty()
+
+
 def test_top_n_per_user_orders_by_score_then_tiebreak_then_movie(spark):
     cands = spark.createDataFrame([(1, 5, 0.9, 2), (1, 6, 0.9, 1), (1, 7, 0.1, 0), (2, 8, 0.5, 0)],
                                   "userId int, movieId int, s double, t int")
