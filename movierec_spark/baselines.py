@@ -163,7 +163,7 @@ def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) ->
     users to pop ranks, anti-joined with the ratings and ranked in a window, it took about 50 s
     at 25M ratings (benchmarks/results/popularity-top-n-25M.md).
     """
-    from .partitioned import movies_then_users, numpy_partitions, user_partition
+    from .partitioned import batches_by_kind, movies_then_users, numpy_partitions, user_partition
 
     parts = numpy_partitions(train.sparkSession)
     pop = popularity(train).select(F.col("movieId").cast("int").alias("a"), F.col("pop_rank").cast("int").alias("b"),
@@ -179,15 +179,7 @@ def popularity_top_n(train: DataFrame, n: int, seen: DataFrame | None = None) ->
         import numpy as np
         import pyarrow as pa
 
-        got = ([], [])
-        for b in batches:
-            kind = b.column("kind").to_numpy()
-            for k, keep in enumerate(got):
-                mask = kind == k
-                if mask.all():
-                    keep.append(b)
-                elif mask.any():
-                    keep.append(b.filter(pa.array(mask)))
+        got = batches_by_kind(batches)
         if not got[0] or not got[1]:
             return
         for out in _popularity_lists(got[0], got[1], n, chunk_rows, np):

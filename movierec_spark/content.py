@@ -400,7 +400,7 @@ def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, 
     and ranked in a window: at 25M ratings 326 task seconds and 3.6 GB of shuffle read
     (benchmarks/results/content-top-n-25M.md: 173.7 s, 73.5 s in numpy).
     """
-    from .partitioned import movies_then_users, numpy_partitions, user_partition
+    from .partitioned import batches_by_kind, movies_then_users, numpy_partitions, user_partition
 
     parts = numpy_partitions(train.sparkSession)
     lists = sims.where(F.col("rank") <= neighbours).select(
@@ -416,15 +416,7 @@ def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, 
         import numpy as np
         import pyarrow as pa
 
-        got = ([], [])
-        for b in batches:
-            kind = b.column("kind").to_numpy()
-            for k, keep in enumerate(got):
-                mask = kind == k
-                if mask.all():
-                    keep.append(b)
-                elif mask.any():
-                    keep.append(b.filter(pa.array(mask)))
+        got = batches_by_kind(batches)
         if not got[1]:
             return
         for out in _content_lists(got[0], got[1], n, sources, chunk_rows, np):

@@ -61,3 +61,20 @@ def split_movie_rows(batches, take):
             continue
         done = True
         yield b.filter(pa.array(~movies))
+
+
+def batches_by_kind(batches, kinds: int = 2) -> tuple[list, ...]:
+    """The Arrow batches of an unsorted movies_then_users partition, split by `kind` (0 ..
+    kinds - 1): one list of batches per kind, every row kept (the reader holds the partition)."""
+    import pyarrow as pa
+
+    got = tuple([] for _ in range(kinds))
+    for b in batches:
+        kind = b.column("kind").to_numpy()
+        for k, keep in enumerate(got):
+            mask = kind == k
+            if mask.all():
+                keep.append(b)
+            elif mask.any():
+                keep.append(b.filter(pa.array(mask)))
+    return got
