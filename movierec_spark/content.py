@@ -378,6 +378,8 @@ def franchise_recall(sims: DataFrame, pairs: DataFrame, k: int) -> float:
 # The content model for users: "because you watched X" lists and a rating prediction
 
 
+# content_top_n's scores are rounded to this many decimals before ranking (see _content_lists).
+SCORE_DECIMALS = 9
 # Users scored in one numpy step of content_top_n (each up to sources x list-length contributions).
 TOP_N_CHUNK_ROWS = 2_000_000
 
@@ -390,8 +392,9 @@ def content_top_n(train: DataFrame, sims: DataFrame, n: int, sources: int = 30, 
     a heavy rater costs no more than a light one). A candidate's score sums similarity x
     (rating - user mean + 1) over the liked movies that have it among their `neighbours`
     nearest; because_movieId is the liked movie that contributed most (ties: the lower id).
-    Ranked by score, then movieId. Users whose liked movies have no content neighbours get no
-    list (catalog coverage shows it).
+    Scores are rounded to SCORE_DECIMALS decimals, so that sums equal in exact arithmetic tie
+    whatever order they were added in; ranked by score, then movieId. Users whose liked movies
+    have no content neighbours get no list (catalog coverage shows it).
 
     Computed per partition in numpy (mapInArrow, no per-row Python): the ratings partitioned by
     user, the neighbour lists copied to every partition (partitioned.py), each user's liked x
@@ -462,6 +465,7 @@ def _content_lists(list_batches, rating_batches, n: int, sources: int, chunk_row
     mu = np.add.reduceat(r, u_start) / u_n
     seen = np.sort((u.astype(np.int64) << 32) | (m.astype(np.int64) & 0xFFFFFFFF))
     step = max(1, chunk_rows // (min(sources, int(u_n.max())) * width))
+    scale = 10.0 ** SCORE_DECIMALS
     for i0 in range(0, len(users), step):
         i1 = min(i0 + step, len(users))
         lo, hi = u_start[i0], u_start[i1] if i1 < len(users) else len(u)
@@ -489,6 +493,11 @@ def _content_lists(list_batches, rating_batches, n: int, sources: int, chunk_row
         head[1:] = (c_who[1:] != c_who[:-1]) | (c_movie[1:] != c_movie[:-1])
         starts = np.flatnonzero(head)
         g_who, g_movie, g_src, score = c_who[starts], c_movie[starts], c_src[starts], np.add.reduceat(c, starts)
+        # Rounded to SCORE_DECIMALS (floor(s x 10^d + 0.5): the same IEEE steps in Spark SQL), so
+        # that sums equal in exact arithmetic tie whatever order they were added in, and the tie
+        # goes to the lower movieId: 0.95 + 0.75 + 0.1 is 1.7999999999999998 here, 0.9 + 0.9 is 1.8. Without it, Spark's joins and this path ranked 115 of 1M's 129,704 list rows
+        # apart, and the learned ranker trained on them moved.
+        score = np.floor(score * scale + 0.5) / scale
         # Each user's n best by score, then movieId.
         order = np.lexsort((g_movie, -score, g_who))
         g_who, g_movie, g_src, score = g_who[order], g_movie[order], g_src[order], score[order]

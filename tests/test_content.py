@@ -188,7 +188,8 @@ def _content_top_n_joins(train, sims, n, sources, neighbours):
              .groupBy("userId", "movieId")
              .agg(F.sum("c").alias("s"), F.max_by("src", F.struct(F.col("c"), -F.col("src"))).alias("because_movieId"))
              .join(train.select("userId", "movieId"), ["userId", "movieId"], "left_anti"))
-    return top_n_per_user(cands, n, score=F.col("s"), keep=("because_movieId",))
+    scale = 10.0 ** 9  # content.SCORE_DECIMALS
+    return top_n_per_user(cands, n, score=F.floor(F.col("s") * scale + 0.5) / scale, keep=("because_movieId",))
 
 
 def test_content_top_n_in_numpy_equals_the_spark_joins(spark, monkeypatch):
@@ -218,6 +219,22 @@ def test_content_top_n_in_numpy_equals_the_spark_joins(spark, monkeypatch):
     assert_approx_df_equality(got, want, 1e-9, ignore_row_order=True, ignore_nullable=True)
     assert content.content_top_n(train.limit(0), sims, 7).isEmpty()
     assert content.content_top_n(train, sims.limit(0), 7).isEmpty()
+
+
+def test_content_top_n_ties_in_exact_arithmetic_go_to_the_lower_movie(spark):
+    """Movie 100 sums 0.95 + 0.75 + 0.1 (1.7999999999999998 as numpy adds them), movie 101
+    sums 0.9 + 0.9 (1.8): equal in exact arithmetic, so the lower id ranks first, and both
+    scores read 1.8."""
+    from chispa import assert_df_equality
+
+    from movierec_spark.content import content_top_n
+
+    train = spark.createDataFrame([(1, 10, 4.0), (1, 11, 4.0), (1, 12, 4.0)], RATINGS)
+    sims = spark.createDataFrame([(10, 100, 1, 0.95), (10, 101, 2, 0.9), (11, 101, 1, 0.9), (11, 100, 2, 0.75),
+                                  (12, 100, 1, 0.1)], SIMS)
+    want = spark.createDataFrame([(1, 100, 1, 1.8, 10), (1, 101, 2, 1.8, 10)],
+                                 "userId int, movieId int, rank int, score double, because_movieId int")
+    assert_df_equality(content_top_n(train, sims, 5), want, ignore_row_order=True, ignore_nullable=True)
 
 
 def test_content_predict_by_hand(spark):
