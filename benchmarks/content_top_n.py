@@ -62,20 +62,31 @@ def compare(spark, a: str, b: str) -> None:
           f"{row.because_diff} with another because movie, largest score difference {row.score_diff}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_args(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that reads a run's tables and writes or compares outputs."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--warehouse")
     ap.add_argument("--run", help="run id (default: the latest succeeded run)")
     ap.add_argument("--config", help="config file (default: the packaged local.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="config override, as movierec's --set")
     ap.add_argument("--out", help="where the lists are written (parquet)")
     ap.add_argument("--compare", nargs=2, metavar="DIR")
-    args = ap.parse_args()
+    return ap
+
+
+def open_run(args, app_name: str):
+    """(cfg, spark) for run_args' arguments."""
     overrides = {"spark.show_progress": False, **dict(kv.split("=", 1) for kv in args.set)}
     if args.warehouse:
         overrides["paths.warehouse"] = args.warehouse
     cfg = load_config(args.config, overrides)
-    spark = build_spark(cfg, app_name="movierec-content-top-n")
+    return cfg, build_spark(cfg, app_name=app_name)
+
+
+def main() -> int:
+    ap = run_args(__doc__)
+    args = ap.parse_args()
+    cfg, spark = open_run(args, "movierec-content-top-n")
     try:
         if args.compare:
             compare(spark, *args.compare)

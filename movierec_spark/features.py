@@ -170,7 +170,8 @@ def cosine_neighbours(centred: DataFrame, entity: str, via: str, neighbours: int
 
 def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | None], neighbours: int,
                     min_common: int, cap: int | None, seed: int, centred: bool = True,
-                    cap_per_pass: bool = False, cooccur: tuple[list[int | None], int] | None = None) -> DataFrame:
+                    cap_per_pass: bool = False, cooccur: tuple[list[int | None], int] | None = None,
+                    hold: list | None = None) -> DataFrame:
     """cosine_neighbours for several out-of-fold passes from one self-join: p, entity, nb, sim, rank.
 
     ratings: userId, movieId, rating, fold. Pass p (an index into `outs`) uses the ratings
@@ -193,6 +194,14 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     centred=False, cap_per_pass=True) gives (the learned ranker's item-kNN tables), from this
     same self-join instead of one of their own. The join carries the union of the shared and
     the per-pass samples; each pass sums only the co-ratings of its own sample.
+
+    `hold` (a list): the capped sample is cached and computed now, and put in `hold` for the
+    caller to unpersist once the result is computed. Both sides of the self-join then read it,
+    where otherwise each side sorts all the ratings for the cap: Spark 4.2's adaptive execution
+    does not reuse an exchange over cached data (SPARK-58767), and `ratings` is cached in the
+    features stage. Measured (benchmarks/results/fold-neighbours-25M.md): the user lists 70.2 ->
+    51.8 s at 25M ratings, 16.3 -> 18.8 s at 1M; the movie lists (a sample three times larger)
+    158.0 -> 153.0 s and 21.8 -> 25.2 s, so compute_passes holds the user lists' only.
     """
     co = list(cooccur[0]) if cooccur else []
     if co and cap_per_pass:
@@ -253,6 +262,10 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
         pruned = r.select("*", shared.alias("sh"), *[c.alias(f"cin{j}") for j, c in enumerate(ins)]).where(anywhere)
     else:
         pruned = _capped(r, via, cap, seed)
+    if hold is not None:
+        pruned = pruned.cache()
+        pruned.count()  # filled by one job, not by the two sides' stages at once
+        hold.append(pruned)
     flags = ([f"in{i}" for i in range(len(outs))] if own else []) + (["sh", *[f"cin{j}" for j in range(len(co))]]
                                                                      if co else [])
     a = pruned.select(F.col(entity).alias("e"), via, F.col("r").alias("ra"), F.col("fold").alias("fa"),
@@ -700,6 +713,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     nothing is put when the passes' lists come from no shared self-join (fewer than two).
     """
     nbs: list = []
+    held: list = []  # the user lists' capped sample, cached until the lists are computed
     outs = [p.fold_out for p in passes]
     whole = None
     if whole_nb is not None and folded is not None:
@@ -714,7 +728,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
                  " (the movies' also gives the ranker's item-kNN tables)" if ranker_nb is not None else "")
         cooccur = ([0, None], h.ranker_knn_neighbours) if ranker_nb is not None else None
         nbs = [fold_neighbours(folded, "userId", "movieId", outs, h.neighbours, h.min_common, h.cap_per_movie,
-                               seed).cache(),
+                               seed, hold=held).cache(),
                fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
                                seed, cooccur=cooccur).cache()]
         if whole is not None:
@@ -762,7 +776,7 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
             return list(pool.map(inheritable_thread_target(spark)(run_pass), range(len(passes))))
     finally:
-        for df in nbs:  # every pass's result is materialized by now
+        for df in nbs + held:  # every pass's result is materialized by now
             df.unpersist()
 
 

@@ -264,6 +264,32 @@ def test_the_movie_self_join_also_gives_the_ranker_tables(spark):
     folded.unpersist()
 
 
+def test_fold_neighbours_hold_their_capped_sample_and_give_the_same_lists(spark):
+    # `hold`: the capped sample cached once for both sides of the self-join (the user lists,
+    # cap 5 raters per movie; the movie lists with the item-kNN passes, cap 4 ratings per user).
+    # The lists must be the rows computed without it, and the held sample the cap's rows.
+    import random
+
+    rnd = random.Random(11)
+    rows = [(u, m, float(rnd.randint(1, 10)) / 2, day(1)) for u in range(1, 31) for m in range(1, 13)
+            if rnd.random() < 0.6]
+    folded = features.with_folds(spark.createDataFrame(rows, RATINGS), 7, 5).cache()
+    outs = [0, None]
+    for entity, via, cap, co in (("userId", "movieId", 5, None), ("movieId", "userId", 4, ([0, None], 6))):
+        hold: list = []
+        got = features.fold_neighbours(folded, entity, via, outs, 3, 2, cap, 7, cooccur=co, hold=hold)
+        want = features.fold_neighbours(folded, entity, via, outs, 3, 2, cap, 7, cooccur=co)
+        assert len(hold) == 1 and hold[0].is_cached
+        per_via = hold[0].groupBy(via).count()
+        if co is None:  # the shared sample alone: exactly min(cap, ratings) rows of each value
+            want_n = folded.groupBy(via).agg(F.least(F.count(F.lit(1)), F.lit(cap)).alias("count"))
+            assert_df_equality(per_via, want_n, ignore_row_order=True, ignore_nullable=True)
+        assert_df_equality(got, want, ignore_row_order=True, ignore_nullable=True)
+        assert {r.p for r in got.select("p").distinct().collect()} == set(range(len(outs) + (2 if co else 0)))
+        hold[0].unpersist()
+    folded.unpersist()
+
+
 def test_item_neighbours_count_co_raters_over_the_norms(spark, ratings, empty):
     # Binary vectors over users: 10 = {1, 2, 3}, 20 = {1, 2}, 30 = {1}.
     # cos(10, 20) = 2 / sqrt(3 * 2), cos(10, 30) = 1 / sqrt(3), cos(20, 30) = 1 / sqrt(2).
