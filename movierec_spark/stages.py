@@ -383,6 +383,13 @@ def recommend_stage(ctx: RunContext) -> dict:
 
         times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select(
             "userId", "movieId", "rated_at")
+        # Scored once: the blend reads the scores twice (the new users' and everyone else's), and
+        # Spark 4.2 reuses no exchange over cached data (SPARK-58767), so each read recomputed
+        # the ranker's features from the (cached) train part. Cached, not checkpointed: a
+        # columnar cache of every candidate's score is a fraction of the rows' heap size.
+        scored = scored.cache()
+        scored.count()
+        cached.append(scored)
         scored, lists, new = blend_new_users(scored, lists, times, cfg, n_eval)
     # Materialized (a checkpoint): the counts and the write below read it, and it no longer
     # hangs on this run's top_n rows, which the evaluate run's write replaces.
