@@ -10,8 +10,9 @@ part; the movies' lists with the learned ranker's item-kNN passes), each written
 DIR, and prints the seconds of each and the CPU seconds of the process tree (from /proc).
 `--no-hold`: without fold_neighbours' `hold` (each side of the self-join computes the capped
 sample itself, as before); `--hold-movies`: the movie lists hold theirs too; `--uncached`: the
-self-joins read the Delta table instead of the cached train part (exchanges over it are reused). One process at a time, alone on the machine. The second form
-compares two outputs: rows on one side only, rank disagreements, the largest similarity difference.
+self-joins read the Delta table instead of the cached train part (exchanges over it are
+reused). One process at a time, alone on the machine. The second form compares two outputs:
+rows on one side only, rank disagreements, the largest similarity difference.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> int:
             else:
                 nb = fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
                                      seed, cooccur=([0, None], h.ranker_knn_neighbours), hold=hold)
+            for df in hold or []:
+                df.count()  # filled by one job, as compute_passes does
             nb.write.mode("overwrite").parquet(f"{args.out}/{kind}")
             for df in hold or []:
                 df.unpersist()

@@ -495,8 +495,9 @@ def _content_lists(list_batches, rating_batches, n: int, sources: int, chunk_row
         g_who, g_movie, g_src, score = c_who[starts], c_movie[starts], c_src[starts], np.add.reduceat(c, starts)
         # Rounded to SCORE_DECIMALS (floor(s x 10^d + 0.5): the same IEEE steps in Spark SQL), so
         # that sums equal in exact arithmetic tie whatever order they were added in, and the tie
-        # goes to the lower movieId: 0.95 + 0.75 + 0.1 is 1.7999999999999998 here, 0.9 + 0.9 is 1.8. Without it, Spark's joins and this path ranked 115 of 1M's 129,704 list rows
-        # apart, and the learned ranker trained on them moved.
+        # goes to the lower movieId: 0.95 + 0.75 + 0.1 is 1.7999999999999998 here, 0.9 + 0.9 is
+        # 1.8. Without it, Spark's joins and this path ranked 115 of 1M's 129,704 list rows apart,
+        # and the learned ranker trained on them moved.
         score = np.floor(score * scale + 0.5) / scale
         # Each user's n best by score, then movieId.
         order = np.lexsort((g_movie, -score, g_who))

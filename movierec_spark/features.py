@@ -195,12 +195,13 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
     same self-join instead of one of their own. The join carries the union of the shared and
     the per-pass samples; each pass sums only the co-ratings of its own sample.
 
-    `hold` (a list): the capped sample is cached and computed now, and put in `hold` for the
-    caller to unpersist once the result is computed. Both sides of the self-join then read it,
+    `hold` (a list): the capped sample is cached (lazily) and put in `hold`; the caller fills it
+    (one count, before the result is computed: not by the two sides' stages at once) and
+    unpersists it once the result is computed. Both sides of the self-join then read it,
     where otherwise each side sorts all the ratings for the cap: Spark 4.2's adaptive execution
     does not reuse an exchange over cached data (SPARK-58767), and `ratings` is cached in the
     features stage. Measured (benchmarks/results/fold-neighbours-25M.md): the user lists 70.2 ->
-    51.8 s at 25M ratings, 16.3 -> 18.8 s at 1M; the movie lists (a sample three times larger)
+    51.8-56.0 s at 25M ratings, 16.3 -> 18.8 s at 1M; the movie lists (a sample three times larger)
     158.0 -> 153.0 s and 21.8 -> 25.2 s, so compute_passes holds the user lists' only.
     """
     co = list(cooccur[0]) if cooccur else []
@@ -264,7 +265,6 @@ def fold_neighbours(ratings: DataFrame, entity: str, via: str, outs: list[int | 
         pruned = _capped(r, via, cap, seed)
     if hold is not None:
         pruned = pruned.cache()
-        pruned.count()  # filled by one job, not by the two sides' stages at once
         hold.append(pruned)
     flags = ([f"in{i}" for i in range(len(outs))] if own else []) + (["sh", *[f"cin{j}" for j in range(len(co))]]
                                                                      if co else [])
@@ -731,6 +731,8 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
                                seed, hold=held).cache(),
                fold_neighbours(folded, "movieId", "userId", outs, h.neighbours, h.min_common, h.cap_per_user,
                                seed, cooccur=cooccur).cache()]
+        for df in held:
+            df.count()  # the held sample filled by one job, before both sides of its self-join read it
         if whole is not None:
             whole_nb.update(user=materialize(nbs[0].where(F.col("p") == whole).drop("p")),
                             movie=materialize(nbs[1].where(F.col("p") == whole).drop("p")))
