@@ -1,6 +1,7 @@
 """The learned ranker's features of a serve run's lists (ranker.ranker_features), part by part.
 
     python benchmarks/ranker_features.py --warehouse WH [--run RUN] [--parts base,implicit,times,active,knn,all]
+        [--sample-users N]
 
 WH is a warehouse a serve run kept its models in (`_models/<run>`: the implicit ALS model, its
 pool list and the ranker's kNN table) beside `rating_splits` and `top_n`. The candidate lists
@@ -12,6 +13,12 @@ input each (`implicit`: the implicit ALS score; `times`: the time features; `act
 features with the movie's ratings around the user's active time; `knn`: the item-kNN scores),
 and `all` (what the recommend stage computes). What a part adds is its time less base's. Alone
 on the machine.
+
+`--sample-users N`: the lists of a hash sample of about N users only (ranker.sample_users, as the
+ranker's training lists are at hybrid.ranker_max_users), each part timed twice: without and with
+the sample's predicate passed as ranker_features' `users` (the user-side statistics then read
+only the sampled users' rows); the two give the same rows (checked: a count of the rows on one
+side only).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ def main() -> int:
     ap.add_argument("--run", help="run id (default: the latest succeeded run)")
     ap.add_argument("--parts", default="base,implicit,times,active,knn,all")
     ap.add_argument("--config", help="config file (default: the packaged local.yaml)")
+    ap.add_argument("--sample-users", type=int, help="lists of a hash sample of about N users, timed without and with the predicate")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="config override, as movierec's --set")
     args = ap.parse_args()
     cfg = load_config(args.config, {"paths.warehouse": args.warehouse, "spark.show_progress": False,
@@ -52,19 +60,30 @@ def main() -> int:
             F.lit("als_implicit").alias("model"), "userId", "rank", "movieId", "score")
         rest = (tables.read_table(spark, wh, "top_n").where((F.col("run_id") == run) & F.col("model").isin(
             [m for m in h.candidate_models if m != "als_implicit"])).select("model", "userId", "rank", "movieId", "score"))
-        lists = ext.unionByName(rest).cache()
+        lists = ext.unionByName(rest)
+        users = ranker.sample_users(train, args.sample_users, cfg.pipeline.seed) if args.sample_users else None
+        lists = (lists if users is None else lists.where(users)).cache()
         nb = spark.read.parquet(f"{models}/ranker_neighbours").where(F.col("p") == 1).drop("p").cache()
         print(f"run {run}: {lists.count()} list rows, {train.count()} train ratings, {nb.count()} kNN rows "
               "(cached, untimed)", flush=True)
         inputs = {"base": (None, None, None, 0), "implicit": (implicit, None, None, 0),
                   "times": (None, times, None, 0), "active": (None, times, None, h.ranker_active_days),
                   "knn": (None, None, nb, 0), "all": (implicit, times, nb, h.ranker_active_days)}
-        print("| part | seconds |\n|---|---|")
+        if users is None:
+            print("| part | seconds |\n|---|---|")
+        else:
+            print("| part | seconds, all users' statistics | seconds, the sample's | rows on one side only |\n|---|---|---|---|")
         for part in args.parts.split(","):
-            t0 = time.perf_counter()
-            feats, _ = ranker.ranker_features(lists, train, h.candidate_models, pool, *inputs[part])
-            feats.write.format("noop").mode("overwrite").save()
-            print(f"| {part} | {time.perf_counter() - t0:.1f} |", flush=True)
+            got = []
+            for filt in [None] if users is None else [None, users]:
+                t0 = time.perf_counter()
+                feats, _ = ranker.ranker_features(lists, train, h.candidate_models, pool, *inputs[part], users=filt)
+                feats.write.format("noop").mode("overwrite").save()
+                got.append((f"{time.perf_counter() - t0:.1f}", feats))
+            if users is not None:
+                a, b = got[0][1], got[1][1]
+                got.append((str(a.exceptAll(b).count() + b.exceptAll(a).count()), None))
+            print(f"| {part} | " + " | ".join(t for t, _ in got) + " |", flush=True)
     finally:
         spark.stop()
     return 0

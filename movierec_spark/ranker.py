@@ -20,23 +20,25 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import GBTClassifier
 from pyspark.ml.feature import VectorAssembler
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
 
 
-def sample_users(train: DataFrame, max_users: int | None, seed: int) -> DataFrame | None:
-    """A hash sample of about `max_users` of train's users (None: fewer users than that, take all).
+def sample_users(train: DataFrame, max_users: int | None, seed: int) -> Column | None:
+    """A predicate on userId: a hash sample of about `max_users` of train's users (None: fewer
+    users than that, take all).
 
     The ranker learns how the candidate models' ranks and scores relate to what a user goes on
     to rate; 20,000 users' candidate lists (over a million rows) teach it that as well as
-    160,000 users' would, at an eighth of the cost of listing and featurising candidates.
+    160,000 users' would, at an eighth of the cost of listing and featurising candidates. A
+    predicate, not a frame of users: the user-side statistics (ranker_features' `users`) filter
+    train's rows by it before they aggregate, with no join.
     """
     if not max_users:
         return None
-    users = train.select("userId").distinct()
-    total = users.count()
+    total = train.select("userId").distinct().count()
     if total <= max_users:
         return None
     frac = max_users / total
@@ -44,25 +46,27 @@ def sample_users(train: DataFrame, max_users: int | None, seed: int) -> DataFram
              100 * frac, total, max_users)
     from .features import hash_sample
 
-    return users.where(hash_sample(["userId"], seed + 2, frac))
+    return hash_sample(["userId"], seed + 2, frac)
 
 
 def candidate_lists(train: DataFrame, sims: DataFrame | None, models: list[str], cfg, n: int, seed: int,
-                    pool: int | None = None, users: DataFrame | None = None):
+                    pool: int | None = None, users: Column | None = None):
     """(lists, implicit, cached): the candidate models' lists fitted on `train` (userId, movieId,
     model, rank, score; implicit ALS lists its top `pool`, the others their top n), the implicit
     ALS model (None when it is not a candidate model), and the frames cached on the way, for
-    the caller to unpersist once it is done with the lists. `users`: lists for those users only
-    (the models are still fitted on all of `train`)."""
+    the caller to unpersist once it is done with the lists. `users` (a predicate on userId, as
+    sample_users gives): lists for those users only (the models are still fitted on all of
+    `train`)."""
     from .als import fit_implicit, recommend_unseen
     from .baselines import popularity_top_n
     from .content import content_top_n
 
     parts, model, cached = [], None, []
-    own = train if users is None else train.join(users, "userId", "left_semi")
+    own = train if users is None else train.where(users)
     if "als_implicit" in models:
         model = fit_implicit(train, cfg.als_implicit, seed)
-        recs = recommend_unseen(model, train, pool or n, users=users)  # cached by recommend_unseen
+        recs = recommend_unseen(model, train, pool or n,  # cached by recommend_unseen
+                                users=None if users is None else own.select("userId"))
         cached.append(recs)
         parts.append(recs.withColumn("model", F.lit("als_implicit")))
     if "content" in models and sims is not None:
@@ -85,7 +89,7 @@ COUNT_SCORES = ("popularity",)
 def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: int,
                     implicit=None, times: DataFrame | None = None,
                     item_nb: DataFrame | None = None, active_days: int = 0,
-                    share: float = 1.0) -> tuple[DataFrame, list[str]]:
+                    share: float = 1.0, users: Column | None = None) -> tuple[DataFrame, list[str]]:
     """One row per candidate (userId, movieId) with the ranker's inputs; returns (frame, names).
 
     `implicit` (the implicit ALS model fitted on `train`) adds its score u.v for every candidate,
@@ -97,8 +101,14 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
     ratings, the popularity score, the rated kNN neighbours, the ratings around the user's
     time) is divided by it: the trees' thresholds then sit where the served counts fall, not
     1/share lower.
+
+    `users` (a predicate on userId, as sample_users gives) when every candidate is a user it
+    holds: the user-side statistics then aggregate only those users' rows (the same values;
+    at 25M ratings the ranker's 20,000 sampled users are an eighth of train's). The movie-side
+    ones read all of `train`.
     """
     cols, names = [], []
+    mine = train if users is None else train.where(users)
     for m in models:
         is_m = F.col("model") == m
         score = F.col("score") / share if m in COUNT_SCORES else F.col("score")
@@ -108,7 +118,7 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
     cands = lists.groupBy("userId", "movieId").agg(*cols, F.count(F.lit(1)).cast("double").alias("n_lists"))
     names.append("n_lists")
     count = (F.count(F.lit(1)) / share).cast("double")
-    u = train.groupBy("userId").agg(count.alias("u_n"), F.avg("rating").alias("u_avg"))
+    u = mine.groupBy("userId").agg(count.alias("u_n"), F.avg("rating").alias("u_avg"))
     m = train.groupBy("movieId").agg(count.alias("m_n"), F.avg("rating").alias("m_avg"))
     g = train.agg(F.avg("rating")).first()[0]
     out = (cands.join(u, "userId", "left").join(m, "movieId", "left")
@@ -117,6 +127,7 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
     names += ["u_n", "u_avg", "m_n", "m_avg", "m_log_n"]
     if implicit is not None:
         uf = implicit.userFactors.select(F.col("id").alias("userId"), F.col("features").alias("u"))
+        uf = uf if users is None else uf.where(users)
         itf = implicit.itemFactors.select(F.col("id").alias("movieId"), F.col("features").alias("v"))
         # Spelled out per dimension: generated code, where zip_with/aggregate lambdas are
         # interpreted row by row. Each float product is added to a double from 0, as that
@@ -126,11 +137,11 @@ def ranker_features(lists: DataFrame, train: DataFrame, models: list[str], n: in
                .withColumn("imp_dot", F.coalesce(dot.cast("double"), F.lit(0.0))).drop("u", "v"))
         names.append("imp_dot")
     if times is not None:
-        out, more = _time_features(out, times, active_days, share)
+        out, more = _time_features(out, times, active_days, share, users)
         names += more
     if item_nb is not None:
         # Item-kNN: summed co-occurrence cosine of the candidate to the movies the user rated.
-        knn = knn_scores(out.select("userId", "movieId"), train.select("userId", "movieId"), item_nb)
+        knn = knn_scores(out.select("userId", "movieId"), mine.select("userId", "movieId"), item_nb)
         knn = knn.select("userId", "movieId", (F.col("knn") / share).alias("knn"), (F.col("knn_n") / share).alias("knn_n"))
         out = (out.join(knn, ["userId", "movieId"], "left").fillna({"knn": 0.0, "knn_n": 0.0})
                .withColumn("knn_u", F.col("knn") / F.sqrt(F.greatest(F.col("u_n"), F.lit(1.0)))))
@@ -246,8 +257,9 @@ def item_neighbours(train: DataFrame, m: int, cap: int | None, seed: int) -> Dat
 
 
 def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0,
-                   share: float = 1.0) -> tuple[DataFrame, list[str]]:
-    """When the user was active against when the movie was being rated, from train timestamps.
+                   share: float = 1.0, users: Column | None = None) -> tuple[DataFrame, list[str]]:
+    """When the user was active against when the movie was being rated, from train timestamps
+    (`users`: as ranker_features', for the user-side statistics).
 
     A user rates movies of the period they were active in: a movie whose first rating came
     after the user's last one, or whose ratings centre years away from the user's, is an
@@ -256,7 +268,8 @@ def _time_features(cands: DataFrame, times: DataFrame, active_days: int = 0,
     """
     secs = F.unix_timestamp("rated_at").cast("double")
     day = 86400.0
-    u = times.groupBy("userId").agg(F.max(secs).alias("u_last"), F.percentile_approx(secs, 0.5).alias("u_mid"))
+    mine = times if users is None else times.where(users)
+    u = mine.groupBy("userId").agg(F.max(secs).alias("u_last"), F.percentile_approx(secs, 0.5).alias("u_mid"))
     m = times.groupBy("movieId").agg(F.min(secs).alias("m_first"), F.percentile_approx(secs, 0.5).alias("m_mid"))
     out = (cands.join(u, "userId", "left").join(m, "movieId", "left")
            .withColumn("t_after", F.coalesce(F.greatest(F.col("m_first") - F.col("u_last"), F.lit(0.0)) / day, F.lit(0.0)))
@@ -407,13 +420,13 @@ def train_ranker(train: DataFrame, times: DataFrame, sims: DataFrame | None, cfg
     n, pool = max(cfg.evaluation.ks), pool_length(cfg)
     fold = F.pmod(F.xxhash64("userId", "movieId", F.lit(seed)), F.lit(h.folds))
     rest, held = train.where(fold != 0).cache(), train.where(fold == 0)
-    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool,
-                                             users=sample_users(rest, h.ranker_max_users, seed))
+    users = sample_users(rest, h.ranker_max_users, seed)
+    lists, implicit, inner = candidate_lists(rest, sims, models, cfg, n, seed, pool, users=users)
     lists = lists.cache()
     own_nb = cached_item_neighbours(rest, h, seed) if item_nb is None else None
     nb = own_nb if item_nb is None else item_nb
     feats, names = ranker_features(lists, rest, models, pool, implicit, times.where(fold != 0), nb,
-                                   h.ranker_active_days, share=_rest_share(h))
+                                   h.ranker_active_days, share=_rest_share(h), users=users)
     # Materialized: the fit reads it, and the validation users' lists and held-out movies read it
     # again (on ml-latest-small, recomputing it there cost about 40 s of the recommend stage);
     # a checkpoint, not a cache, so the queries on it do not plan its lineage again.

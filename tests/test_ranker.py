@@ -95,11 +95,14 @@ def test_sample_users_is_a_stable_hash_sample_of_about_the_cap(spark):
     train = spark.range(4000).selectExpr("cast(id % 2000 as int) as userId", "cast(id as int) as movieId")
     assert sample_users(train, 2000, 42) is None       # everyone fits: no sample
     assert sample_users(train, None, 42) is None
-    a = {r.userId for r in sample_users(train, 500, 42).collect()}
-    b = {r.userId for r in sample_users(train, 500, 42).collect()}
+
+    def sampled(seed):  # a predicate on userId
+        return {r.userId for r in train.where(sample_users(train, 500, seed)).select("userId").distinct().collect()}
+
+    a, b = sampled(42), sampled(42)
     assert a == b                                      # reruns train on the same users
     assert 400 <= len(a) <= 600 and a <= set(range(2000))
-    assert a != {r.userId for r in sample_users(train, 500, 7).collect()}
+    assert a != sampled(7)
 
 
 def test_a_shorter_pool_cut_from_the_features_equals_features_of_the_shorter_lists(spark):

@@ -372,6 +372,10 @@ def test_the_rankers_active_feature_counts_the_movies_ratings_around_the_users_m
     # other way round; 555 has no ratings at all.
     want = {(8, 100): 4, (8, 200): 0, (9, 100): 0, (9, 200): 3, (9, 555): 0}
     assert {(r.userId, r.movieId): round(math.expm1(r.m_active)) for r in got.collect()} == want
+    # User 8's candidates with their user-side statistics read from user 8's rows only: the same
+    # rows (the movie-side ones still count every user's ratings).
+    only8, _ = ranker._time_features(cands.where("userId = 8"), eras, 180, users=F.col("userId") == 8)
+    assert_df_equality(only8, got.where("userId = 8"), ignore_row_order=True, ignore_nullable=True)
     _, without = ranker._time_features(cands, eras)
     assert without == ["t_after", "t_dist"]
 
@@ -556,7 +560,7 @@ def test_candidate_lists_union_each_models_unseen_top_n(spark, ratings, empty, s
     assert_approx_df_equality(got, want, 1e-12, ignore_row_order=True, ignore_nullable=True)
     # Lists for some users only; the models still learn from all of train.
     only3, _, _ = ranker.candidate_lists(train, sims, ["content", "popularity"], cfg, 2, 0,
-                                         users=spark.createDataFrame([(3,)], "userId int"))
+                                         users=F.col("userId") == 3)
     assert_approx_df_equality(only3, want.where("userId = 3"), 1e-12, ignore_row_order=True, ignore_nullable=True)
     none, _, _ = ranker.candidate_lists(empty.select("userId", "movieId", "rating"), sims,
                                         ["content", "popularity"], cfg, 2, 0)
@@ -583,6 +587,12 @@ def test_ranker_features_pivot_each_models_rank_and_score_and_add_history(spark,
                               ignore_row_order=True, ignore_nullable=True)
     none, _ = ranker.ranker_features(lists.limit(0), train, ["content", "popularity"], 3, item_nb=item_nb)
     assert none.isEmpty()
+    # Candidates of some users only, named by a predicate: their user-side statistics read only
+    # those users' rows, and give the same values.
+    one, _ = ranker.ranker_features(lists.where("userId = 1"), train, ["content", "popularity"], 3,
+                                    item_nb=item_nb, users=F.col("userId") == 1)
+    assert_approx_df_equality(one.select("userId", "movieId", *names), want.where("userId = 1"), 1e-12,
+                              ignore_row_order=True, ignore_nullable=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
