@@ -376,6 +376,10 @@ def test_the_rankers_active_feature_counts_the_movies_ratings_around_the_users_m
     # rows (the movie-side ones still count every user's ratings).
     only8, _ = ranker._time_features(cands.where("userId = 8"), eras, 180, users=F.col("userId") == 8)
     assert_df_equality(only8, got.where("userId = 8"), ignore_row_order=True, ignore_nullable=True)
+    # A candidate of a user the predicate leaves out has no user-side times: the defaults.
+    cut = {(r.userId, r.movieId): r.t_dist for r in
+           ranker._time_features(cands, eras, 180, users=F.col("userId") == 8)[0].collect()}
+    assert cut[(9, 100)] == 1e5 and cut[(8, 100)] != 1e5
     _, without = ranker._time_features(cands, eras)
     assert without == ["t_after", "t_dist"]
 
@@ -593,6 +597,11 @@ def test_ranker_features_pivot_each_models_rank_and_score_and_add_history(spark,
                                     item_nb=item_nb, users=F.col("userId") == 1)
     assert_approx_df_equality(one.select("userId", "movieId", *names), want.where("userId = 1"), 1e-12,
                               ignore_row_order=True, ignore_nullable=True)
+    # The predicate is applied, not only accepted: a candidate of a user it leaves out gets no
+    # user-side statistics (user 1's count 0 and the train mean; its kNN history unread).
+    cut = {(r.userId, r.movieId): (r.u_n, r.u_avg, r.knn) for r in ranker.ranker_features(
+        lists, train, ["content", "popularity"], 3, item_nb=item_nb, users=F.col("userId") == 5)[0].collect()}
+    assert cut[(1, 30)] == (0.0, pytest.approx(g), 0.0) and cut[(5, 10)][0] == 0.0
 
 
 # ----------------------------------------------------------------------------- evaluation
