@@ -59,6 +59,21 @@ def cold_user_lists(ratings: DataFrame, train: DataFrame, n: int, window_days: i
     return cold.select("userId").distinct(), lists
 
 
+def materialized_cold_lists(ratings: DataFrame, train: DataFrame, n: int, window_days: int | None = None
+                            ) -> tuple[int, DataFrame | None]:
+    """(how many users cold_user_lists finds, their lists materialized (session.materialize; give
+    them back with session.release), or None when there are none). Runs its jobs now: one over
+    `ratings` when there are none, the usual case; their lists only when there are some."""
+    from .session import materialize, release
+
+    # The cold users' ratings, kept: they are few (ratings ingested after the split).
+    cold = materialize(ratings.join(train.select("userId").distinct(), "userId", "left_anti"))
+    users = cold.select("userId").distinct().count()
+    lists = materialize(cold_user_lists(cold, train, n, window_days)[1]) if users else None
+    release(cold)
+    return users, lists
+
+
 # ---------------------------------------------------------------------------------------------
 # New users: few ratings, so the collaborative models know little about them.
 

@@ -522,24 +522,39 @@ def _write_recommendations(ctx: RunContext, ranked, n: int) -> dict:
     """A serve run's `recommendations`: the top n of the ranked lists with the hybrid's predicted
     rating of each pair, plus popularity lists for users who have ratings but none in this run's
     split (ratings ingested after it), without what they rated."""
-    from .recommend import cold_user_lists
+    from .session import release
 
     spark, wh, run = ctx.spark, ctx.warehouse, ctx.run_id
+    # The cold users' lists first: they need no model, and _predicted_ratings waits for the
+    # hybrid stage running beside this one. Computed after that wait, finding the cold users
+    # (every rating's user against the train part's) and their lists were about 85 task seconds
+    # at 25M ratings on the run's critical path, once the hybrid model was done.
+    n_cold, cold_recs = _cold_lists(ctx, n)
     served = ranked.where(F.col("rank") <= n)
     rated, feats = _predicted_ratings(ctx, served)
     served = (served.withColumn("predicted_rating", F.lit(None).cast("double")) if rated is None
-              else served.join(rated, ["userId", "movieId"], "left"))
+              else served.join(rated, ["userId", "movieId"], "left")).select(*RECOMMENDATION_COLUMNS)
+    recs = served if cold_recs is None else served.unionByName(cold_recs.select(*RECOMMENDATION_COLUMNS))
+    tables.replace_where(spark, recs.select(F.lit(run).alias("run_id"), "*"), wh, "recommendations", {"run_id": run},
+                         fresh=ctx.fresh)
+    for df in (feats, cold_recs):
+        if df is not None:
+            release(df)
+    return {"cold_users": n_cold}
+
+
+# A `recommendations` row without its run_id.
+RECOMMENDATION_COLUMNS = tables.TABLE_SCHEMAS["recommendations"].fieldNames()[1:]
+
+
+def _cold_lists(ctx: RunContext, n: int):
+    """recommend.materialized_cold_lists of this run: its ratings against its train part."""
+    from .recommend import materialized_cold_lists
+
     times = run_table(ctx, "rating_splits").where(F.col("split") == "train").select("userId", "movieId", "rated_at")
     r = ctx.cfg.recommend
-    cold, cold_recs = cold_user_lists(tables.read_table(spark, wh, "ratings").select("userId", "movieId", "rated_at"),
-                                      times, n, r.new_user_window_days if r.new_user_max_ratings > 0 else None)
-    recs = served.select(*cold_recs.columns).unionByName(cold_recs).select(F.lit(run).alias("run_id"), "*")
-    tables.replace_where(spark, recs, wh, "recommendations", {"run_id": run}, fresh=ctx.fresh)
-    if feats is not None:
-        from .session import release
-
-        release(feats)
-    return {"cold_users": cold.count()}
+    return materialized_cold_lists(tables.read_table(ctx.spark, ctx.warehouse, "ratings").select(
+        "userId", "movieId", "rated_at"), times, n, r.new_user_window_days if r.new_user_max_ratings > 0 else None)
 
 
 def _predicted_ratings(ctx: RunContext, pairs):

@@ -339,6 +339,12 @@ def test_cold_users_get_popular_movies_they_did_not_rate(spark, ratings):
     eq(got, want)
     users, got = recommend.cold_user_lists(ratings, ratings, 2)
     assert users.isEmpty() and got.isEmpty()
+    # Materialized before the recommend stage waits for the hybrid model: the same lists, and
+    # the count of their users; none to build when no user is cold.
+    n, kept = recommend.materialized_cold_lists(ratings.unionByName(late), train, 2)
+    assert n == 2
+    eq(kept, want)
+    assert recommend.materialized_cold_lists(ratings, ratings, 2) == (0, None)
 
 
 @pytest.fixture(scope="module")
