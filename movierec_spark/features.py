@@ -353,7 +353,7 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
                   base_cfg: BaselineConfig, als_cfg: AlsConfig, content_cfg: ContentConfig, cfg: HybridConfig,
                   seed: int, lo: float = 0.5, hi: float = 5.0, implicit_cfg: ImplicitAlsConfig | None = None,
                   user_nb: DataFrame | None = None, movie_nb: DataFrame | None = None, als_model=None,
-                  mean=None, finish=None, users: DataFrame | None = None) -> DataFrame:
+                  mean=None, finish=None, users: DataFrame | None = None, bias=None) -> DataFrame:
     """Features of `pairs` (userId, movieId[, rating][, rated_at]) from the ratings in `fit` only.
 
     With `rated_at` in `fit`, the time features (day_res, day_n, u_days, u_tdev, m_age) are
@@ -364,7 +364,9 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     `user_nb` / `movie_nb` (userId or movieId, nb, sim, rank): the neighbour lists of `fit`
     when the caller computed them already (fold_neighbours, for every pass at once);
     `als_model`: the residual ALS model of `fit` when one was fitted already (the als stage's,
-    for the whole-train pass); `mean`: a per-row Column of the global mean, for a `fit` that
+    for the whole-train pass); `bias`: the bias baseline of `fit` (a BiasModel) when one was
+    fitted already (the run's, context.bias_model, for the whole-train pass: it is left cached);
+    `mean`: a per-row Column of the global mean, for a `fit` that
     holds several independent fits (batched_pass_features), instead of `fit`'s mean; `finish`: a
     DataFrame -> DataFrame step applied to the features before they are materialized (the
     batched passes' id decoding), so the result is materialized once. `users` (userId, gender,
@@ -374,13 +376,15 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
 
     timed = "rated_at" in fit.columns
     fit = fit.select("userId", "movieId", "rating", *(["rated_at"] if timed else [])).cache()
-    g = F.lit(fit.agg(F.avg("rating")).first()[0]) if mean is None else mean
+    own_bias = bias is None
+    bias = fit_bias(fit, base_cfg, lo, hi, mean) if own_bias else bias
+    # The bias model's mu is fit's mean rating (global_mean): no job of its own.
+    g = F.lit(bias.mu) if mean is None else mean
     ustats = fit.groupBy("userId").agg(F.avg("rating").alias("UAvg"), F.count(F.lit(1)).alias("u_n"),
                                        F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("u_std")).cache()
     mstats = fit.groupBy("movieId").agg(F.avg("rating").alias("MAvg"), F.count(F.lit(1)).alias("m_n"),
                                         F.coalesce(F.stddev("rating"), F.lit(0.0)).alias("m_std")).cache()
     keys = pairs.select("userId", "movieId")
-    bias = fit_bias(fit, base_cfg, lo, hi, mean)
     # Every rating of `fit` with its residual from the bias baseline: the kNN baselines (user
     # and movie neighbours, content neighbours) and the rating day average these.
     resid = bias.predict(fit).select("userId", "movieId", *(["rated_at"] if timed else []), F.col("rating").alias("r"),
@@ -521,7 +525,8 @@ def pair_features(fit: DataFrame, pairs: DataFrame, movies: DataFrame, sims: Dat
     result = materialize(finish(out) if finish is not None else out)
     for df in (fit, ustats, mstats, resid):
         df.unpersist()
-    bias.unpersist()
+    if own_bias:
+        bias.unpersist()
     return result
 
 
@@ -689,7 +694,7 @@ def batched_pass_features(folded: DataFrame, passes: list[FeaturePass], args: tu
 
 
 def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int = 1,
-                   folded: DataFrame | None = None, whole_als=None, batched: bool = True,
+                   folded: DataFrame | None = None, whole_als=None, whole_bias=None, batched: bool = True,
                    users: DataFrame | None = None, whole_nb: dict | None = None,
                    ranker_nb: dict | None = None) -> list[DataFrame]:
     """pair_features of every pass (each result materialized: `release` them once
@@ -698,7 +703,8 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
     `folded` (train with `fold`, see with_folds): with two passes or more, the passes' user and
     movie neighbour lists come from one self-join each over it (fold_neighbours) instead of two
     per pass.
-    `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it.
+    `whole_als`: the residual ALS model of the whole train part, for the pass fitted on it;
+    `whole_bias`: its bias baseline (a BiasModel), likewise.
     `batched` (with `folded` and several out-of-fold passes): those passes in one
     batched_pass_features call. `users`: the demographics (the `users` table), if any.
     `whole_nb` (a dict, with `folded`): the user and movie neighbour lists of the whole train part
@@ -744,6 +750,8 @@ def compute_passes(spark, passes: list[FeaturePass], args: tuple, threads: int =
         p = passes[i]
         log.info("features: %s", p.what)
         own = {"als_model": whole_als} if p.fold_out is None and whole_als is not None else {}
+        if p.fold_out is None and whole_bias is not None:
+            own["bias"] = whole_bias
         own["users"] = users
         if nbs:
             own.update(user_nb=nbs[0].where(F.col("p") == i).drop("p"),

@@ -242,6 +242,8 @@ def features_stage(ctx: RunContext) -> dict:
                               and (h.ranker_knn_cap or h.cap_per_user) == h.cap_per_user else None)
     results = compute_passes(spark, passes, args, h.feature_threads, folded,
                              whole_als=ctx.shared.get("als_model") if cfg.als.residual else None,
+                             whole_bias=(bias_model(ctx, split_frames(ctx)[0])
+                                         if any(p.fold_out is None for p in passes) else None),
                              batched=h.batched_passes, users=users, whole_nb=whole_nb, ranker_nb=ranker_nb)
     write_run_table(ctx, "features", labelled_rows(passes, results))
     from .session import release
@@ -606,7 +608,11 @@ def _served_features(ctx: RunContext, pairs):
         log.info("recommend: no saved neighbour lists of the whole train part: computed for the served pairs")
     als = ctx.shared.get("als_model") if cfg.als.residual else None
     log.info("recommend: the hybrid's features of the served pairs, from the whole train part")
-    return pair_features(train, pairs.select("userId", "movieId").distinct(), *args, als_model=als, users=users, **nb)
+    # The run's bias baseline (fitted once per run; the als stage's model learned on its
+    # residuals), not a second fit of the same ratings: at 25M ratings a global mean, a cached
+    # copy of every rating and four aggregations.
+    return pair_features(train, pairs.select("userId", "movieId").distinct(), *args, als_model=als, users=users,
+                         bias=bias_model(ctx, split_frames(ctx)[0]), **nb)
 
 
 def _candidates(ctx: RunContext):

@@ -197,9 +197,23 @@ def test_time_knn_and_implicit_features_of_a_pair(spark):
     c = got[(2, 1)]
     assert c.u_days == pytest.approx(20.0) and c.m_age == 2001 - 1991
     assert c.day_n == sum(1 for u, _, _, t in rows if u == 2 and t == d3)
-    # A user the fit never saw: zeros, not NaN (the GBT refuses NaN).
+    # A user the fit never saw: zeros, not NaN (the GBT refuses NaN), and the fit's mean rating.
     z = got[(99, 1)]
     assert (z.implicit, z.day_n, z.day_res, z.u_days, z.knn_user_n) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert z.GAvg == z.UAvg == pytest.approx(sum(x[2] for x in rows) / len(rows), abs=1e-12)
+
+    # A bias model passed in (the run's, fitted once) is the one the features use, and it is
+    # left cached for its owner. One fitted with other shrinkage moves the baseline and the
+    # features built on it; the global mean stays the fit's.
+    other = fit_bias(fit, BaselineConfig(item_reg=50.0, user_reg=50.0))
+    given = {(r.userId, r.movieId): r for r in pair_features(
+        fit, pairs, movies, None, base, AlsConfig(rank=2, max_iter=3), ContentConfig(), h, 42, 0.5, 5.0,
+        bias=other).collect()}
+    want = {(x.userId, x.movieId): x.baseline for x in other.predict(pairs.select("userId", "movieId")).collect()}
+    assert {k: pytest.approx(v.baseline, abs=1e-12) for k, v in given.items()} == want
+    assert given[(1, 2)].baseline != pytest.approx(r.baseline, abs=1e-6)
+    assert given[(99, 1)].GAvg == z.GAvg
+    assert other.user_bias.is_cached and other.item_bias.is_cached
 
 
 def test_exclude_features_takes_groups_and_columns_and_refuses_unknown_names():
