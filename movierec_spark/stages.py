@@ -591,8 +591,9 @@ def _predicted_ratings(ctx: RunContext, pairs):
 
 def _served_features(ctx: RunContext, pairs):
     """The hybrid's features of `pairs` (userId, movieId) from the whole train part (materialized):
-    with the neighbour lists the features stage kept (computed here when it kept none) and the
-    als stage's model (refitted when this process has none, as on a resume)."""
+    with the neighbour lists the features stage kept (computed here when it kept none), the als
+    stage's model (refitted when this process has none, as on a resume) and the run's bias
+    baseline (context.bias_model)."""
     from .features import pair_features
     from .fs import exists
 
